@@ -7,7 +7,6 @@ counted in `source.skipped` by reason and logged, never silently dropped.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 from collections import Counter
@@ -16,6 +15,7 @@ from typing import Iterator
 
 from PIL import Image
 
+from vlp.data.images import decode_image
 from vlp.zeroshot.errors import ZeroShotError
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class ImageSource:
 
     def __init__(self) -> None:
         self.skipped: Counter[str] = Counter()
+        # JPEGs decode at a reduced scale down to this short side (the model's input size).
+        self.min_side = 224
 
     def __len__(self) -> int | None:  # None when unknown (shards without sizes)
         return None
@@ -46,8 +48,9 @@ class ImageSource:
 
     def decode(self, key: str, data: bytes | Path) -> Image.Image | None:
         try:
-            with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
-                return image.convert("RGB")
+            # The training decoder, so transparency is flattened the same way.
+            return decode_image(data.read_bytes() if isinstance(data, Path) else data,
+                                self.min_side)
         except Exception as err:  # PIL raises many types for bad files
             self.skip("unreadable image", key, err)
             return None

@@ -1,0 +1,168 @@
+"""One zero-shot run: load everything, classify the images in batches, write the report."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vlp.zeroshot import report
+from vlp.zeroshot.classes import ClassList, load_classes
+from vlp.zeroshot.classifier import (EmbeddingCache, TextEncoder, ZeroShotClassifier,
+                                     model_fingerprint)
+from vlp.zeroshot.errors import ZeroShotError
+from vlp.zeroshot.sources import ImageSource, open_source
+from vlp.zeroshot.templates import LearnedPrompt, load_templates
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("config.yaml", "model.safetensors")
+
+
+@dataclass
+class ZeroShotOptions:
+    model: str
+    images: list[str]
+    classes: str
+    templates: str = "simple"
+    out: str = "runs/zeroshot"
+    label_field: str | None = None
+    scoring: str = "itc"
+    itm_k: int = 5
+    batch_size: int = 64
+    cache_dir: str | None = None  # default: <out>/cache
+    progress: bool = True
+    # CoOp few-shot prompt tuning (0 = off); see vlp.zeroshot.coop.
+    tune_prompts: int = 0
+    n_ctx: int = 4
+    tune_steps: int = 300
+    tune_lr: float = 2e-3
+    prompt_out: str | None = None
+    seed: int = 0
+
+
+def load_model(model_dir: str):
+    """(model, cfg, tokenizer) in eval mode; a missing directory or file is named."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise ZeroShotError(f"model directory not found: {path}")
+    for name in MODEL_FILES:
+        if not (path / name).is_file():
+            raise ZeroShotError(f"model directory {path} is incomplete: missing {name}")
+    from vlp.model import load_model_dir
+    model, cfg, tokenizer = load_model_dir(path)
+    return model.eval(), cfg, tokenizer
+
+
+def run(opts: ZeroShotOptions) -> dict:
+    classes = load_classes(opts.classes)
+    templates = load_templates(opts.templates)
+    out = Path(opts.out)
+    model, cfg, tokenizer = load_model(opts.model)
+    source = open_source(opts.images, opts.label_field)
+    source.min_side = cfg.data.image_size
+    encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=opts.progress)
+    cache = EmbeddingCache(Path(opts.cache_dir) if opts.cache_dir else out / "cache",
+                           model_fingerprint(Path(opts.model)))
+    if opts.tune_prompts:
+        from vlp.zeroshot.coop import tune_and_compare
+        return tune_and_compare(opts, model, cfg, encoder, classes, templates, source, cache)
+    classifier = build_classifier(model, encoder, classes, templates, opts, cache)
+    from vlp.data.images import eval_transform
+    preds, seconds = classify(classifier, source, eval_transform(cfg.data), classes, cfg,
+                              opts.batch_size, opts.progress)
+    metrics = finish_report(out, preds, classes, source, seconds, opts)
+    if source.kind == "single" and preds.keys:
+        print_top5(preds, classes)
+    return metrics
+
+
+def build_classifier(model, encoder, classes: ClassList, templates, opts, cache):
+    if isinstance(templates, LearnedPrompt):
+        from vlp.zeroshot.coop import learned_class_embeddings
+        embeddings = learned_class_embeddings(model, encoder, classes.names, templates.path)
+        return ZeroShotClassifier(model, encoder, classes.names, None, opts.scoring,
+                                  class_embeddings=embeddings)
+    return ZeroShotClassifier(model, encoder, classes.names, templates, opts.scoring,
+                              itm_k=opts.itm_k, cache=cache)
+
+
+def batches(source: ImageSource, transform, batch_size: int):
+    """(keys, labels, images [B,3,H,W]) from a source, decoding errors already counted."""
+    keys, labels, images = [], [], []
+    for key, label, image in source:
+        keys.append(key)
+        labels.append(label)
+        images.append(transform(image))
+        if len(keys) == batch_size:
+            yield keys, labels, torch.stack(images)
+            keys, labels, images = [], [], []
+    if keys:
+        yield keys, labels, torch.stack(images)
+
+
+def classify(classifier: ZeroShotClassifier, source: ImageSource, transform,
+             classes: ClassList, cfg, batch_size: int, progress: bool = True):
+    preds = report.Predictions()
+    index = classes.index()
+    bar = tqdm(total=len(source), unit="img", desc=f"zero-shot ({classifier.scoring})",
+               disable=not progress)
+    start = time.perf_counter()
+    for keys, labels, images in batches(source, transform, batch_size):
+        probs = classifier.probabilities(images)
+        thumbs = report.thumbnails(images, cfg.data.mean, cfg.data.std) if source.labelled else None
+        preds.add(keys, labels, probs, thumbs, index)
+        bar.update(len(keys))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return preds, seconds
+
+
+def finish_report(out: Path, preds: report.Predictions, classes: ClassList,
+                  source: ImageSource, seconds: float, opts: ZeroShotOptions,
+                  extra: dict | None = None) -> dict:
+    probs = preds.matrix(len(classes))
+    if source.labelled:
+        metrics = report.classification_metrics(probs, preds.labels, classes)
+    else:
+        metrics = {"n": 0, "n_predicted": len(preds.keys), "top1": None, "top5": None,
+                   "mean_per_class": None}
+    if not preds.keys:
+        raise ZeroShotError(f"no readable images in {opts.images} (skipped: {dict(source.skipped)})")
+    if metrics.get("unknown_labels"):
+        log.warning("labels not in the class list (left out of accuracy): %s",
+                    _describe(metrics["unknown_labels"]))
+    metrics.update({
+        "skipped": dict(source.skipped),
+        "images_per_s": len(preds.keys) / max(seconds, 1e-9),
+        "scoring": opts.scoring, "templates": opts.templates, "model": str(opts.model),
+        "images": opts.images, "n_classes": len(classes), **(extra or {}),
+    })
+    if source.skipped:
+        log.warning("skipped images: %s", dict(source.skipped))
+    report.write_predictions_csv(out / "predictions.csv", preds, classes)
+    confusion = metrics.pop("confusion", None)
+    if confusion:
+        report.plot_confusion(out / "confusion.png", confusion, classes)
+        report.write_json(out / "confusion.json",
+                          {"labels": classes.labels, "matrix": confusion})
+    report.plot_mistakes(out / "mistakes.png", preds, classes)
+    report.write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def print_top5(preds: report.Predictions, classes: ClassList) -> None:
+    probs = preds.matrix(len(classes))[0]
+    top_p, top_i = probs.topk(min(5, len(classes)))
+    print(preds.keys[0])
+    for p, i in zip(top_p.tolist(), top_i.tolist()):
+        print(f"  {p:6.1%}  {classes.names[i]}")
+
+
+def _describe(counts: dict) -> str:
+    items = list(counts.items())
+    text = ", ".join(f"{label!r} ({n})" for label, n in items[:20])
+    return text + (f" and {len(items) - 20} more" if len(items) > 20 else "")
