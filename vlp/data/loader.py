@@ -1,0 +1,300 @@
+"""WebDataset loaders: an endless, resampled training stream with equal batches per rank,
+and an evaluation pass that sees every sample exactly once across ranks × workers.
+
+Everything after reading the tar (decode, augment, caption choice, MixGen, tokenize,
+batching) runs inside the DataLoader workers; the main process only receives batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from typing import Any, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import get_worker_info
+
+from vlp.config import DataConfig
+from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, Normalize, TrainTransform, decode_image
+from vlp.data.mixgen import mixgen
+from vlp.data.skips import SkipCounter
+from vlp.data.sources import count_samples, expand_spec
+from vlp.data.text import tokenize
+
+
+def image_id(key: str) -> int:
+    """Stable signed int64 id of a sample key (same key ⇒ same id, in every process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+class _Context:
+    """What every stage needs to know about where it runs; copied into each worker."""
+
+    def __init__(self, rank: int, world_size: int, seed: int):
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0  # set in the main process before the workers of an epoch start
+        self.skips = SkipCounter()
+
+    def worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def party(self) -> tuple[int, int]:
+        """(index, count) of this worker among all ranks × workers."""
+        worker, workers = self.worker()
+        return self.rank * workers + worker, self.world_size * workers
+
+    def rng(self, stream: str) -> random.Random:
+        # A string seed is hashed with SHA-512: reproducible across processes, unlike hash().
+        worker, _ = self.worker()
+        return random.Random(f"{self.seed}/{self.rank}/{worker}/{self.epoch}/{stream}")
+
+
+# --------------------------------------------------------------------------- stages
+
+class _ResampledShards:
+    """Endless shard URLs drawn with replacement. Split by node first: with at least as
+    many shards as ranks, rank r only draws from shards r, r+world, ... ."""
+
+    def __init__(self, ctx: _Context, urls: list[str]):
+        self.ctx, self.urls = ctx, urls
+
+    def __call__(self) -> Iterator[dict]:
+        ctx = self.ctx
+        own = self.urls[ctx.rank::ctx.world_size] if len(self.urls) >= ctx.world_size else self.urls
+        rng = ctx.rng("shards")
+        while True:
+            yield {"url": rng.choice(own)}
+
+
+class _EvalShards:
+    """Each shard once. With at least one shard per (rank, worker) the shards are split;
+    with fewer, every worker reads all of them and `_EvalSampleSplit` splits samples."""
+
+    def __init__(self, ctx: _Context, urls: list[str]):
+        self.ctx, self.urls = ctx, urls
+
+    def __call__(self) -> Iterator[dict]:
+        party, parties = self.ctx.party()
+        if len(self.urls) >= parties:
+            urls = self.urls[party::parties]
+        else:
+            urls = self.urls
+            # Every worker reads every tar; only one of them reports a broken one.
+            self.ctx.skips.count_shard_errors = party == 0
+        for url in urls:
+            yield {"url": url}
+
+
+class _EvalSampleSplit:
+    def __init__(self, ctx: _Context, num_urls: int):
+        self.ctx, self.num_urls = ctx, num_urls
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        party, parties = self.ctx.party()
+        if self.num_urls >= parties:
+            yield from samples
+            return
+        for index, sample in enumerate(samples):
+            if index % parties == party:
+                yield sample
+
+
+class _Shuffle:
+    def __init__(self, ctx: _Context, size: int):
+        self.ctx, self.size = ctx, size
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        rng, buffer = self.ctx.rng("shuffle"), []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.size:
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def parse_sample(sample: dict, skips: SkipCounter) -> tuple[bytes, list[str], dict] | None:
+    """Raw tar members → (image bytes, captions, json metadata), or None after recording why.
+    Captions: the .txt first, then json "captions" (a list or a string), blanks dropped."""
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if image is None:
+        skips.record("missing_image", f"{where} has no .{'/.'.join(IMAGE_EXTENSIONS)} member")
+        return None
+    meta: dict = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"top level is {type(meta).__name__}, not an object")
+        except (UnicodeDecodeError, ValueError) as err:
+            skips.record("bad_json", f"{where}.json: {err}")
+            return None
+    captions = []
+    if "txt" in sample:
+        try:
+            captions.append(sample["txt"].decode("utf-8"))
+        except UnicodeDecodeError as err:
+            skips.record("bad_text", f"{where}.txt is not UTF-8: {err}")
+            return None
+    extra = meta.get("captions", [])
+    captions += [extra] if isinstance(extra, str) else [c for c in extra if isinstance(c, str)]
+    if not captions:
+        skips.record("missing_caption", f"{where} has no .txt and no json 'captions'")
+        return None
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        skips.record("empty_caption", f"{where}: every caption is blank")
+        return None
+    return image, captions, meta
+
+
+class _Decode:
+    """Parse, decode and transform; bad samples are counted and dropped here."""
+
+    def __init__(self, ctx: _Context, transform):
+        self.ctx, self.transform = ctx, transform
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        rng, skips = self.ctx.rng("augment"), self.ctx.skips
+        for sample in samples:
+            parsed = parse_sample(sample, skips)
+            if parsed is None:
+                continue
+            image_bytes, captions, meta = parsed
+            try:
+                img = decode_image(image_bytes, self.transform.min_side)
+            except Exception as err:  # PIL raises many types for bad bytes
+                skips.record("bad_image", f"{sample.get('__url__')}:{sample['__key__']}: {err}")
+                continue
+            yield {"key": sample["__key__"], "image": self.transform(img, rng),
+                   "captions": captions, "meta": meta}
+
+
+class _Batch:
+    """Groups decoded samples into batch dicts. A full batch is held until the next sample
+    arrives (or the stream ends) so that skips counted in between are reported with it."""
+
+    def __init__(self, ctx: _Context, cfg: DataConfig, tokenizer, train: bool):
+        self.ctx, self.cfg, self.tokenizer, self.train = ctx, cfg, tokenizer, train
+        self.size = cfg.batch_size if train else cfg.eval_batch_size
+        self.normalize = Normalize(cfg)
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        rng, pending = self.ctx.rng("batch"), []
+        for sample in samples:
+            if len(pending) == self.size:
+                yield self.collate(pending, rng)
+                pending = []
+            pending.append(sample)
+        if pending:
+            yield self.collate(pending, rng)
+
+    def collate(self, samples: list[dict], rng: random.Random) -> dict[str, Any]:
+        keys = [s["key"] for s in samples]
+        batch: dict[str, Any] = {
+            "image": self.normalize(torch.stack([s["image"] for s in samples])),
+            "key": keys,
+            "image_id": torch.tensor([image_id(k) for k in keys], dtype=torch.int64),
+        }
+        if self.train:
+            texts = [rng.choice(s["captions"]) for s in samples]
+            batch["image"], texts = mixgen(batch["image"], texts, self.cfg.mixgen_prob,
+                                           self.cfg.mixgen_lambda, rng)
+        else:
+            texts = [c for s in samples for c in s["captions"]]
+            batch["text_image_index"] = torch.tensor(
+                [i for i, s in enumerate(samples) for _ in s["captions"]], dtype=torch.int64)
+            batch["meta"] = [s["meta"] for s in samples]
+        batch["text"] = texts
+        if self.tokenizer is not None:
+            batch.update(tokenize(self.tokenizer, texts, self.cfg.max_len))
+        batch["skipped"] = self.ctx.skips.take()
+        return batch
+
+
+# --------------------------------------------------------------------------- loaders
+
+class TrainLoader:
+    """`WebLoader(...).with_epoch(num_batches)` plus the epoch number the workers seed from.
+
+    Every rank yields exactly `len(loader)` batches per epoch. Iterating again starts the
+    next epoch (new shard draws, shuffles and crops); `set_epoch(e)` picks one explicitly,
+    e.g. when resuming. Workers are not persistent, so each epoch's workers see its number."""
+
+    def __init__(self, loader: wds.WebLoader, ctx: _Context, num_batches: int, num_samples: int):
+        self.loader, self.ctx = loader, ctx
+        self.num_batches, self.num_samples = num_batches, num_samples
+        self.next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.next_epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        self.ctx.epoch = self.next_epoch
+        self.next_epoch += 1
+        return iter(self.loader)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialized and rank is None else (rank or 0)
+        world_size = dist.get_world_size() if initialized and world_size is None else (world_size or 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return rank, world_size
+
+
+def _web_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
+    # batch_size=None: batches are made inside the dataset (in the workers).
+    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                         persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
+
+
+def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
+                 world_size: int | None = None) -> TrainLoader:
+    """Endless resampled training batches from `cfg.train`; an epoch is
+    ceil(samples / (batch_size · world_size)) batches on every rank.
+    `rank`/`world_size` default to torch.distributed's (or 0/1 when it is not initialized)."""
+    rank, world_size = _rank_and_world(rank, world_size)
+    urls = expand_spec(cfg.train, "data.train")
+    num_samples = count_samples(urls, cfg.train_samples, "data.train_samples")
+    num_batches = max(1, math.ceil(num_samples / (cfg.batch_size * world_size)))
+    ctx = _Context(rank, world_size, cfg.seed)
+    pipeline = wds.DataPipeline(
+        _ResampledShards(ctx, urls),
+        wds.tarfile_to_samples(handler=ctx.skips.handler),
+        _Shuffle(ctx, cfg.shuffle_buffer),
+        _Decode(ctx, TrainTransform(cfg)),
+        _Batch(ctx, cfg, tokenizer, train=True),
+    )
+    loader = _web_loader(pipeline, cfg.workers).with_epoch(num_batches)
+    return TrainLoader(loader, ctx, num_batches, num_samples)
+
+
+def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: int | None = None,
+                world_size: int | None = None) -> wds.WebLoader:
+    """One pass over `spec` (default `cfg.val`): each sample exactly once across all ranks
+    and workers, in batches of `cfg.eval_batch_size` (the last one may be smaller; ranks may
+    get different numbers of batches). `tokenizer=None` leaves the text untokenized."""
+    rank, world_size = _rank_and_world(rank, world_size)
+    urls = expand_spec(spec or cfg.val, "data.val" if spec is None else "eval spec")
+    ctx = _Context(rank, world_size, cfg.seed)
+    pipeline = wds.DataPipeline(
+        _EvalShards(ctx, urls),
+        wds.tarfile_to_samples(handler=ctx.skips.handler),
+        _EvalSampleSplit(ctx, len(urls)),
+        _Decode(ctx, EvalTransform(cfg)),
+        _Batch(ctx, cfg, tokenizer, train=False),
+    )
+    return _web_loader(pipeline, cfg.workers)

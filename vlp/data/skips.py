@@ -1,0 +1,59 @@
+"""Counted, logged skips: bad input never crashes a run and never disappears silently."""
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections import Counter
+
+log = logging.getLogger("vlp.data")
+
+# Every reason a sample (or a whole shard) can be skipped.
+REASONS = (
+    "bad_image",        # image bytes PIL cannot decode
+    "missing_image",    # no .jpg/.jpeg/.png/.webp member
+    "missing_caption",  # no .txt and no json "captions"
+    "empty_caption",    # captions present but all blank
+    "bad_text",         # .txt that is not UTF-8
+    "bad_json",         # .json that is not UTF-8 JSON object
+    "bad_tar",          # truncated or corrupt tar file
+    "bad_shard",        # any other error while reading a shard
+)
+
+# Per worker: the first few skips of each reason are logged in full, later ones only counted
+# (they still reach the batch's `skipped` counts), so a resampled corrupt shard cannot flood
+# the log.
+_LOG_FIRST = 5
+
+
+class SkipCounter:
+    """Per-worker skip counts; `take()` hands the counts since the last call to a batch."""
+
+    def __init__(self) -> None:
+        self.pending: Counter = Counter()
+        self.total: Counter = Counter()
+        # Off in eval workers that read a tar only to take their share of its samples.
+        self.count_shard_errors = True
+
+    def record(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        self.pending[reason] += 1
+        self.total[reason] += 1
+        n = self.total[reason]
+        if n <= _LOG_FIRST:
+            log.warning("skipped (%s): %s", reason, detail)
+        elif n == _LOG_FIRST + 1:
+            log.warning("skipped (%s): %s; further '%s' skips in this worker are counted "
+                        "in batch['skipped'] but not logged", reason, detail, reason)
+
+    def take(self) -> dict[str, int]:
+        counts, self.pending = dict(self.pending), Counter()
+        return counts
+
+    def handler(self, exn: Exception) -> bool:
+        """WebDataset exception handler: classify, count, log, keep going."""
+        if not self.count_shard_errors:
+            return True
+        text = " ".join(str(a) for a in exn.args)
+        is_tar = isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end of data" in text
+        self.record("bad_tar" if is_tar else "bad_shard", f"{type(exn).__name__}: {text}")
+        return True

