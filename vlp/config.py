@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train: str = "shards/demo/train-{000000..000003}.tar"
-    val: str = "shards/demo/val-000000.tar"
+    # Shard specs: brace expansion, `::` joins sources (paths relative to the working dir).
+    train: str = "shards/demo/train-{000000..000007}.tar"
+    val: str = "shards/demo/val-{000000..000001}.tar"
     # Epoch length when the shards have no sizes.json next to them.
     train_samples: Optional[int] = None
     val_samples: Optional[int] = None
