@@ -137,6 +137,8 @@ class TrainConfig:
     # "auto" resumes from the newest checkpoint in output_dir; a path resumes from it.
     resume: Optional[str] = None
     seed: int = 0
+    # CPU intra-op threads per rank; 0 splits the usable cores between the local ranks.
+    threads: int = 0
 
 
 @dataclass
