@@ -1,0 +1,158 @@
+"""Text tower: a transformers BERT whose top K layers become fusion layers.
+
+HF BERT only offers cross-attention together with `is_decoder=True`, which makes the
+self-attention causal; a bidirectional layer with cross-attention is the small block written
+here. It reuses the HF submodules of the BERT layer it replaces (so it starts from the
+pretrained weights) and adds a new cross-attention whose keys/values read the image width.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertAttention
+
+from vlp.assets import resolve_local_dir
+from vlp.config import TextConfig
+
+DEC_TOKEN = "[DEC]"
+
+
+def load_bert(cfg: TextConfig) -> BertModel:
+    """From a local HF directory (`pretrained`) or from dims; never downloads."""
+    if cfg.pretrained:
+        path = resolve_local_dir(cfg.pretrained, "text tower (model.text.pretrained)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"text tower (model.text.pretrained): no config.json in {path}")
+        return BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
+    config = BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
+        max_position_embeddings=cfg.max_positions)
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False)
+
+
+def init_like_bert(module: nn.Module, std: float) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def new_cross_attention(config: BertConfig, image_width: int) -> BertAttention:
+    attention = BertAttention(config, is_cross_attention=True)
+    attention.self.key = nn.Linear(image_width, config.hidden_size)
+    attention.self.value = nn.Linear(image_width, config.hidden_size)
+    init_like_bert(attention, config.initializer_range)
+    return attention
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 1/0 -> bool [B, 1, 1, L], True = may attend (SDPA convention)."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    length = attention_mask.shape[1]
+    lower = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    return padding_mask(attention_mask) & lower[None, None]
+
+
+class CrossLayer(nn.Module):
+    """Self-attention, then (optionally) cross-attention to image tokens, then the FFN.
+    Fusion layers use a bidirectional self-attention mask, decoder layers a causal one."""
+
+    def __init__(self, attention: BertAttention, crossattention: BertAttention | None,
+                 intermediate: nn.Module, output: nn.Module):
+        super().__init__()
+        self.attention, self.crossattention = attention, crossattention
+        self.intermediate, self.output = intermediate, output
+
+    def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor,
+                image_states: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.attention(hidden, attention_mask=self_mask)[0]
+        if self.crossattention is not None:
+            hidden = self.crossattention(hidden, encoder_hidden_states=image_states)[0]
+        return self.output(self.intermediate(hidden), hidden)
+
+
+def run_layers(layers, hidden, mask, image_states, use_checkpoint: bool) -> torch.Tensor:
+    for layer in layers:
+        if use_checkpoint and torch.is_grad_enabled():
+            hidden = checkpoint(layer, hidden, mask, image_states, use_reentrant=False)
+        else:
+            hidden = layer(hidden, mask, image_states)
+    return hidden
+
+
+class TextTower(nn.Module):
+    """`encode` runs the text-only path (the first L−K layers: ITC, FILIP, retrieval);
+    `fuse` continues it through the K fusion layers attending to image states (ITM)."""
+
+    def __init__(self, cfg: TextConfig, image_width: int):
+        super().__init__()
+        bert = load_bert(cfg)
+        depth = bert.config.num_hidden_layers
+        if cfg.fusion_layers > depth:
+            raise ValueError(f"model.text.fusion_layers={cfg.fusion_layers} exceeds the "
+                             f"{depth} layers of the text tower")
+        self.base_vocab_size = bert.config.vocab_size
+        # One extra row for the [DEC] bos token, appended at id = base vocab size.
+        bert.resize_token_embeddings(self.base_vocab_size + 1, mean_resizing=False)
+        self.config: BertConfig = bert.config
+        self.embeddings = bert.embeddings
+        n_text = depth - cfg.fusion_layers
+        self.layers = nn.ModuleList(
+            CrossLayer(layer.attention, None, layer.intermediate, layer.output)
+            for layer in bert.encoder.layer[:n_text])
+        self.fusion = nn.ModuleList(
+            CrossLayer(layer.attention, new_cross_attention(bert.config, image_width),
+                       layer.intermediate, layer.output)
+            for layer in bert.encoder.layer[n_text:])
+        self.grad_checkpointing = False
+
+    @property
+    def width(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def dec_token_id(self) -> int:
+        return self.base_vocab_size
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(input_ids=input_ids)
+        return run_layers(self.layers, hidden, padding_mask(attention_mask), None, self.grad_checkpointing)
+
+    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
+             image_states: torch.Tensor) -> torch.Tensor:
+        if not len(self.fusion):
+            raise ValueError("this model has no fusion layers (model.text.fusion_layers: 0)")
+        image_states = image_states.to(text_states.dtype)
+        return run_layers(self.fusion, text_states, padding_mask(attention_mask), image_states,
+                          self.grad_checkpointing)
+
+    def decoder_layers(self, share: bool, image_width: int) -> nn.ModuleList:
+        """Layers for the captioning decoder, one per text layer. Self-attention is always the
+        decoder's own (initialized from the text layer); with `share` (BLIP) the FFN and, where
+        a fusion layer sits, the cross-attention are the same modules as the encoder's.
+        Cross-attention goes in the top K layers, or in every layer when K is 0."""
+        layers = list(self.layers) + list(self.fusion)
+        cross_from = len(self.layers) if len(self.fusion) else 0
+        built = []
+        for index, layer in enumerate(layers):
+            own = (lambda m: m) if share else copy.deepcopy
+            cross = None
+            if index >= cross_from:
+                cross = (own(layer.crossattention) if layer.crossattention is not None
+                         else new_cross_attention(self.config, image_width))
+            built.append(CrossLayer(copy.deepcopy(layer.attention), cross,
+                                    own(layer.intermediate), own(layer.output)))
+        return nn.ModuleList(built)
