@@ -10,17 +10,19 @@ import hashlib
 import json
 import math
 import random
+from functools import partial
 from typing import Any, Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vlp.config import DataConfig
 from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, Normalize, TrainTransform, decode_image
 from vlp.data.mixgen import mixgen
 from vlp.data.skips import SkipCounter
-from vlp.data.sources import count_samples, expand_spec
+from vlp.data.sources import count_samples, expand_spec, is_local
 from vlp.data.text import tokenize
 
 
@@ -86,6 +88,38 @@ class _EvalShards:
             self.ctx.skips.count_shard_errors = party == 0
         for url in urls:
             yield {"url": url}
+
+
+class _OpenShards:
+    """Opens each shard for the tar reader. A local .tar must end with the end-of-archive
+    block: Python's tarfile silently stops at a file cut between two members."""
+
+    def __init__(self, ctx: _Context):
+        self.ctx = ctx
+
+    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
+        skips = self.ctx.skips
+        for shard in shards:
+            url = shard["url"]
+            skips.begin_shard(url)
+            if url.endswith(".tar") and is_local(url) and not _ends_like_a_tar(url):
+                skips.shard_error("truncated: no end-of-archive block (file cut short?)")
+            try:
+                stream = wds.gopen(url)
+            except Exception as err:
+                skips.handler(err)
+                continue
+            yield {"url": url, "stream": stream}
+            stream.close()
+
+
+def _ends_like_a_tar(path: str) -> bool:
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size < 1024 or size % 512:
+            return False
+        f.seek(size - 512)
+        return not any(f.read(512))
 
 
 class _EvalSampleSplit:
@@ -273,7 +307,9 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
     ctx = _Context(rank, world_size, cfg.seed)
     pipeline = wds.DataPipeline(
         _ResampledShards(ctx, urls),
-        wds.tarfile_to_samples(handler=ctx.skips.handler),
+        _OpenShards(ctx),
+        partial(tar_file_expander, handler=ctx.skips.handler),
+        partial(group_by_keys, handler=ctx.skips.handler),
         _Shuffle(ctx, cfg.shuffle_buffer),
         _Decode(ctx, TrainTransform(cfg)),
         _Batch(ctx, cfg, tokenizer, train=True),
@@ -292,7 +328,9 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
     ctx = _Context(rank, world_size, cfg.seed)
     pipeline = wds.DataPipeline(
         _EvalShards(ctx, urls),
-        wds.tarfile_to_samples(handler=ctx.skips.handler),
+        _OpenShards(ctx),
+        partial(tar_file_expander, handler=ctx.skips.handler),
+        partial(group_by_keys, handler=ctx.skips.handler),
         _EvalSampleSplit(ctx, len(urls)),
         _Decode(ctx, EvalTransform(cfg)),
         _Batch(ctx, cfg, tokenizer, train=False),

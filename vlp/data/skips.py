@@ -33,6 +33,8 @@ class SkipCounter:
         self.total: Counter = Counter()
         # Off in eval workers that read a tar only to take their share of its samples.
         self.count_shard_errors = True
+        self.current_url: str | None = None
+        self.flagged_url: str | None = None
 
     def record(self, reason: str, detail: str) -> None:
         assert reason in REASONS, reason
@@ -49,11 +51,21 @@ class SkipCounter:
         counts, self.pending = dict(self.pending), Counter()
         return counts
 
+    def begin_shard(self, url: str) -> None:
+        self.current_url, self.flagged_url = url, None
+
+    def shard_error(self, detail: str) -> None:
+        """One broken tar counts once, however many errors reading it raises."""
+        if not self.count_shard_errors or self.flagged_url == self.current_url:
+            return
+        self.flagged_url = self.current_url
+        self.record("bad_tar", f"{self.current_url}: {detail}")
+
     def handler(self, exn: Exception) -> bool:
         """WebDataset exception handler: classify, count, log, keep going."""
-        if not self.count_shard_errors:
-            return True
         text = " ".join(str(a) for a in exn.args)
-        is_tar = isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end of data" in text
-        self.record("bad_tar" if is_tar else "bad_shard", f"{type(exn).__name__}: {text}")
+        if isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end of data" in text:
+            self.shard_error(f"{type(exn).__name__}: {text}")
+        elif self.count_shard_errors:
+            self.record("bad_shard", f"{getattr(self, 'current_url', '?')}: {type(exn).__name__}: {text}")
         return True

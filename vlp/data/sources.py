@@ -19,7 +19,7 @@ def expand_spec(spec: str, what: str = "data") -> list[str]:
     urls = [url for part in spec.split("::") if part.strip()
             for url in braceexpand.braceexpand(part.strip())]
     for url in urls:
-        if _is_local(url) and not Path(url).is_file():
+        if is_local(url) and not Path(url).is_file():
             raise FileNotFoundError(f"{what}: shard not found: {url} (from '{spec}')")
     return urls
 
@@ -55,5 +55,5 @@ def _read_sizes(path: Path, what: str) -> dict:
     return sizes
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith(("pipe:", "file:"))
