@@ -1,0 +1,134 @@
+"""The embedding pass: shards → chunks of image/caption embeddings, tokens and metadata.
+
+Streams each shard once. Work is split by shard (`shards[rank::world]`), so processes or
+ranks write disjoint chunks; a restarted pass skips every chunk whose parquet exists.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlp.data.skips import SkipCounter
+from vlp.retrieval import store
+from vlp.retrieval.encoder import Encoder
+from vlp.retrieval.shards import RawSample, iter_shard
+
+log = logging.getLogger(__name__)
+BUILD_FILE = "build.json"
+
+
+@dataclass
+class EmbedSettings:
+    model: str
+    batch_size: int = 64
+    chunk_size: int = 10_000
+    fp16: bool = True
+    # FILIP tokens kept per image: 0 stores none, -1 stores all.
+    filip_tokens: int = 16
+
+    def check_against(self, index_dir: Path) -> None:
+        """A resumed or merged build must use the settings its chunks were made with."""
+        path = Path(index_dir) / BUILD_FILE
+        if path.is_file():
+            before = json.loads(path.read_text())
+            changed = {k: (before.get(k), v) for k, v in asdict(self).items()
+                       if k != "batch_size" and before.get(k) != v}
+            if changed:
+                detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+                raise ValueError(f"{index_dir} holds chunks built with other settings ({detail}); "
+                                 f"use a new --out or the original settings")
+        else:
+            store.atomic_write_json(path, asdict(self))
+
+
+def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings: EmbedSettings,
+                 rank: int = 0, world: int = 1,
+                 on_chunk: Optional[Callable[[str], None]] = None) -> dict[str, int]:
+    """Embed this rank's shards into `index_dir/chunks`; returns counts (items, skips…)."""
+    index_dir = Path(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    settings.check_against(index_dir)
+    removed = store.clean_partial(index_dir)
+    if removed:
+        log.info("removed %d files of unfinished chunks", removed)
+    done = store.finished_chunks(index_dir)
+    mine = shards[rank::world]
+    skips = SkipCounter()
+    counts = {"embedded": 0, "resumed_chunks": 0, "chunks": 0}
+    bar = tqdm(desc=f"embed rank {rank}", unit="img", dynamic_ncols=True)
+    for name, samples in _chunks(mine, settings.chunk_size, skips):
+        if name in done:
+            counts["resumed_chunks"] += 1
+            continue
+        n = _embed_chunk(encoder, index_dir, name, samples, settings, skips, bar)
+        counts["embedded"] += n
+        counts["chunks"] += 1
+        if on_chunk is not None:
+            on_chunk(name)
+    bar.close()
+    counts.update({f"skipped_{k}": v for k, v in skips.total.items()})
+    return counts
+
+
+def _chunks(shards: list[str], size: int, skips: SkipCounter) -> Iterator[tuple[str, list[RawSample]]]:
+    for shard in shards:
+        part, pending = 0, []
+        for sample in iter_shard(shard, skips):
+            pending.append(sample)
+            if len(pending) == size:
+                yield store.chunk_name(shard, part), pending
+                part, pending = part + 1, []
+        if pending or part == 0:
+            yield store.chunk_name(shard, part), pending
+
+
+def _embed_chunk(encoder: Encoder, index_dir: Path, name: str, samples: list[RawSample],
+                 settings: EmbedSettings, skips: SkipCounter, bar: tqdm) -> int:
+    rows, image_parts, token_parts, captions = [], [], [], []
+    for start in range(0, len(samples), settings.batch_size):
+        batch = samples[start:start + settings.batch_size]
+        tensors = encoder.decode_many([s.image_bytes for s in batch])
+        kept = []
+        for sample, tensor in zip(batch, tensors):
+            if tensor is None:
+                skips.record("bad_image", f"{sample.shard}:{sample.key}")
+            else:
+                kept.append((sample, tensor))
+        if not kept:
+            continue
+        images = torch.stack([t for _, t in kept])
+        emb, tokens = encoder.image_and_tokens(images, settings.filip_tokens)
+        image_parts.append(emb)
+        if tokens is not None:
+            token_parts.append(tokens)
+        for sample, _ in kept:
+            rows.append(_row(sample))
+            captions += sample.captions
+        bar.update(len(kept))
+    dims = encoder.cfg.model.embed_dim
+    image_emb = np.concatenate(image_parts) if image_parts else np.zeros((0, dims), np.float32)
+    text_emb = _embed_texts(encoder, captions, settings.batch_size, dims)
+    tokens = None
+    if settings.filip_tokens != 0:
+        tokens = np.concatenate(token_parts) if token_parts else np.zeros((0, 1, encoder.cfg.model.filip_dim), np.float16)
+    store.write_chunk(index_dir, name, rows, image_emb, text_emb, tokens, settings.fp16)
+    return len(rows)
+
+
+def _embed_texts(encoder: Encoder, texts: list[str], batch_size: int, dims: int) -> np.ndarray:
+    parts = [encoder.text_embeddings(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, dims), np.float32)
+
+
+def _row(sample: RawSample) -> dict:
+    return {"id": store.item_id(sample.key), "key": sample.key, "captions": sample.captions,
+            "shard": str(Path(sample.shard).resolve()), "image_member": sample.image_member,
+            "image_offset": sample.image_offset, "image_size": sample.image_size,
+            "json": json.dumps(sample.json, ensure_ascii=False) if sample.json else ""}

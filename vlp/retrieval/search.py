@@ -1,0 +1,150 @@
+"""Search API over a built index: text→image, image→image, raw embeddings; FILIP/ITM rerank."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vlp.retrieval import index as faiss_index
+from vlp.retrieval.encoder import Encoder
+from vlp.retrieval.shards import IMAGE_MIME, read_member
+from vlp.retrieval.store import ItemStore
+
+log = logging.getLogger(__name__)
+RERANKERS = ("filip", "itm")
+# Candidates fetched from the index before a rerank (ALBEF/BLIP rerank the ITC top-k).
+DEFAULT_RERANK_CANDIDATES = 32
+
+
+class QueryError(ValueError):
+    """A query the searcher cannot answer (wrong dims, rerank without the needed data)."""
+
+
+@dataclass
+class Hit:
+    id: int
+    score: float
+    key: str
+    caption: str
+    index_score: float
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "score": round(self.score, 6), "key": self.key,
+                "caption": self.caption, "index_score": round(self.index_score, 6)}
+
+
+class Searcher:
+    """Loads index + items once; the model loads on the first query that needs it."""
+
+    def __init__(self, index_dir: str | Path, encoder: Optional[Encoder] = None,
+                 mmap: Optional[bool] = None, rerank_candidates: int = DEFAULT_RERANK_CANDIDATES):
+        self.dir = Path(index_dir)
+        self.index, self.manifest = faiss_index.load_index(self.dir, mmap=mmap)
+        self.items = ItemStore(self.dir)
+        self._encoder = encoder
+        self.rerank_candidates = rerank_candidates
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = Encoder(self.manifest.model)
+        return self._encoder
+
+    @property
+    def dims(self) -> int:
+        return self.manifest.dims
+
+    # ----------------------------------------------------------------- raw search
+    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) [n, k]; id -1 pads when the index holds fewer than k items."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dims:
+            raise QueryError(f"embedding has {queries.shape[1]} dims, the index has {self.dims}")
+        return self.index.search(queries, k)
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray, index_scores: Optional[np.ndarray] = None) -> list[Hit]:
+        out = []
+        for j, (score, item) in enumerate(zip(scores, ids)):
+            if item < 0:
+                continue
+            row = self.items.row(item)
+            captions = self.items.captions(row)
+            out.append(Hit(int(item), float(score), self.items.keys[row],
+                           captions[0] if captions else "",
+                           float(index_scores[j] if index_scores is not None else score)))
+        return out
+
+    # ----------------------------------------------------------------- queries
+    def search_embedding(self, embedding: np.ndarray, k: int) -> list[Hit]:
+        vec = normalize(np.asarray(embedding, dtype=np.float32).reshape(1, -1))
+        scores, ids = self.search_vectors(vec, k)
+        return self.hits(scores[0], ids[0])
+
+    def search_text(self, text: str, k: int, rerank: Optional[str] = None,
+                    embedding: Optional[np.ndarray] = None) -> list[Hit]:
+        vec = embedding if embedding is not None else self.encoder.text_embeddings([text])[0]
+        return self._search_and_rerank(vec, k, rerank, text=text)
+
+    def search_image(self, image: torch.Tensor, k: int, rerank: Optional[str] = None,
+                     embedding: Optional[np.ndarray] = None) -> list[Hit]:
+        """`image`: a normalized [3, S, S] tensor (Encoder.decode)."""
+        if rerank == "itm":
+            raise QueryError("rerank 'itm' scores a text against images; it needs a text query")
+        vec = embedding if embedding is not None else self.encoder.image_embeddings(image[None])[0]
+        return self._search_and_rerank(vec, k, rerank, image=image)
+
+    def _search_and_rerank(self, vec: np.ndarray, k: int, rerank: Optional[str],
+                           text: Optional[str] = None, image: Optional[torch.Tensor] = None) -> list[Hit]:
+        if rerank is None:
+            scores, ids = self.search_vectors(vec, k)
+            return self.hits(scores[0], ids[0])
+        if rerank not in RERANKERS:
+            raise QueryError(f"unknown rerank '{rerank}'; choose one of {', '.join(RERANKERS)}")
+        scores, ids = self.search_vectors(vec, max(k, self.rerank_candidates))
+        keep = ids[0] >= 0
+        index_scores, ids = scores[0][keep], ids[0][keep]
+        rows = self.items.rows(ids)
+        if rerank == "filip":
+            new = self.filip_scores(rows, text=text, image=image)
+        else:
+            new = self.itm_scores(rows, text)
+        order = np.argsort(-new, kind="stable")[:k]
+        return self.hits(new[order], ids[order], index_scores[order])
+
+    # ----------------------------------------------------------------- rerank scores
+    def filip_scores(self, rows: np.ndarray, text: Optional[str] = None,
+                     image: Optional[torch.Tensor] = None) -> np.ndarray:
+        if self.items.tokens is None:
+            raise QueryError("rerank 'filip' needs stored image tokens; rebuild with --filip-tokens > 0 or -1")
+        tokens = torch.from_numpy(np.asarray(self.items.tokens[np.sort(rows)]))
+        # Rows were read sorted (faster on a memory map); put them back in candidate order.
+        tokens = tokens[torch.from_numpy(np.argsort(np.argsort(rows)))]
+        if text is not None:
+            return self.encoder.filip_text_to_image(tokens, text).numpy()
+        query_tokens = self.encoder.image_tokens(image[None])
+        return self.encoder.filip_image_to_image(query_tokens, tokens).numpy()
+
+    def itm_scores(self, rows: np.ndarray, text: str) -> np.ndarray:
+        images = torch.stack([self.encoder.decode(self.image_bytes(int(r))) for r in rows])
+        states = self.encoder.image_states(images)
+        return self.encoder.itm([text] * len(rows), states).numpy()
+
+    # ----------------------------------------------------------------- items
+    def image_bytes(self, row: int) -> bytes:
+        item = self.items.table.slice(row, 1).select(["shard", "image_offset", "image_size"]).to_pylist()[0]
+        return read_member(item["shard"], item["image_offset"], item["image_size"])
+
+    def image_mime(self, row: int) -> str:
+        member = self.items.item(row)["image_member"]
+        return IMAGE_MIME.get(member.rsplit(".", 1)[-1].lower(), "application/octet-stream")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.all(np.isfinite(x)) or np.any(norms == 0):
+        raise QueryError("embedding must be finite and non-zero")
+    return x / norms

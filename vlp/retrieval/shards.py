@@ -1,0 +1,97 @@
+"""Read shard samples together with the byte offset of their image inside the tar.
+
+The index serves images straight from the shards (seek + read by offset), so the embedding
+pass reads tars with `tarfile` instead of a WebDataset stream, which hides offsets.
+Decoding is left to the caller, so skipping a finished chunk on resume costs no decode.
+"""
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from vlp.data.images import IMAGE_EXTENSIONS
+from vlp.data.loader import parse_sample
+from vlp.data.skips import SkipCounter
+
+IMAGE_MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+@dataclass
+class RawSample:
+    key: str
+    shard: str
+    image_member: str
+    image_offset: int
+    image_size: int
+    captions: list[str]
+    json: dict = field(default_factory=dict)
+    image_bytes: Optional[bytes] = None
+
+
+def iter_shard(path: str, skips: SkipCounter) -> Iterator[RawSample]:
+    """Samples of one tar in member order; bad members are counted skips, a truncated tar
+    yields what precedes the damage and records one `bad_tar` skip."""
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as err:
+        skips.record("bad_tar", f"{path}: {err}")
+        return
+    with tar:
+        group: list[tarfile.TarInfo] = []
+        key = None
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key = _key_of(member.name)
+                if group and member_key != key:
+                    sample = _assemble(tar, path, key, group, skips)
+                    if sample is not None:
+                        yield sample
+                    group = []
+                key = member_key
+                group.append(member)
+        except (tarfile.TarError, EOFError, OSError) as err:
+            skips.record("bad_tar", f"{path}: {err}")
+            group = []
+        if group:
+            sample = _assemble(tar, path, key, group, skips)
+            if sample is not None:
+                yield sample
+
+
+def read_member(shard: str, offset: int, size: int) -> bytes:
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{shard}: short read at offset {offset} ({len(data)} of {size} bytes)")
+    return data
+
+
+def _key_of(name: str) -> str:
+    directory, _, base = name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{directory}/{stem}" if directory else stem
+
+
+def _ext_of(name: str) -> str:
+    base = name.rpartition("/")[2]
+    return base.split(".", 1)[1].lower() if "." in base else ""
+
+
+def _assemble(tar: tarfile.TarFile, path: str, key: str, members: list[tarfile.TarInfo],
+              skips: SkipCounter) -> Optional[RawSample]:
+    by_ext = {_ext_of(m.name): m for m in members}
+    # The data room's parser decides what a valid sample is, so the index and training agree.
+    raw = {"__key__": key, "__url__": path}
+    raw.update({ext: tar.extractfile(m).read() for ext, m in by_ext.items()})
+    parsed = parse_sample(raw, skips)
+    if parsed is None:
+        return None
+    image_bytes, captions, meta = parsed
+    image = next(by_ext[e] for e in IMAGE_EXTENSIONS if e in by_ext)
+    return RawSample(key=key, shard=path, image_member=image.name, image_offset=image.offset_data,
+                     image_size=image.size, captions=captions, json=meta, image_bytes=image_bytes)
