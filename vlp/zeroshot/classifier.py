@@ -89,7 +89,7 @@ class ZeroShotClassifier:
         self.model, self.encoder = model, encoder
         self.classnames, self.templates = classnames, templates
         self.scoring, self.itm_k, self.filip_chunk = scoring, itm_k, filip_chunk
-        self.logit_scale = _logit_scale(model)
+        self.logit_scale = _logit_scale(model, scoring)
         prompts = prompts_for(classnames, templates) if templates is not None else None
         if class_embeddings is None:
             class_embeddings = _cached(cache, "itc", prompts,
@@ -150,13 +150,9 @@ class ZeroShotClassifier:
         return out
 
 
-def _logit_scale(model) -> float:
-    """The model's learned ITC temperature; 100 (CLIP's clamp) if it exposes none."""
-    scale = getattr(model, "logit_scale", None)
-    if scale is None:
-        return 100.0
-    value = float(scale.exp() if isinstance(scale, torch.Tensor) and scale.dim() == 0 and float(scale) < 10 else scale)
-    return value
+def _logit_scale(model, scoring: str) -> float:
+    """The learned temperature the model was trained with (ITC's, or FILIP's for filip)."""
+    return float(model.filip_logit_scale if scoring == "filip" else model.logit_scale)
 
 
 # --------------------------------------------------------------------------- cache

@@ -172,15 +172,14 @@ def plot_mistakes(path: Path, preds: Predictions, classes: ClassList) -> bool:
 
     cols = 4
     rows = (len(preds.mistakes) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.1), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (conf, key, thumb, pred, true) in zip(axes.flat, preds.mistakes):
         ax.imshow(thumb)
         ax.set_title(f"said: {_short(classes.names[pred])} ({conf:.0%})\n"
-                     f"true: {_short(classes.names[true])}", fontsize=8)
-        ax.text(0.5, -0.04, _short(Path(key).name, 28), transform=ax.transAxes,
-                ha="center", va="top", fontsize=6, color="gray")
+                     f"true: {_short(classes.names[true])}\n{_short(Path(key).name, 28)}",
+                     fontsize=8)
     fig.suptitle("most confident mistakes", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -83,7 +83,8 @@ def run(opts: ZeroShotOptions) -> dict:
 def build_classifier(model, encoder, classes: ClassList, templates, opts, cache):
     if isinstance(templates, LearnedPrompt):
         from vlp.zeroshot.coop import learned_class_embeddings
-        embeddings = learned_class_embeddings(model, encoder, classes.names, templates.path)
+        embeddings = learned_class_embeddings(model, encoder, classes.names, templates.path,
+                                              cache.model_fingerprint)
         return ZeroShotClassifier(model, encoder, classes.names, None, opts.scoring,
                                   class_embeddings=embeddings)
     return ZeroShotClassifier(model, encoder, classes.names, templates, opts.scoring,

