@@ -1,0 +1,99 @@
+"""Embedding pass and item store: metadata, resume after a kill, rank split + merge."""
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from test_retrieval_support import encoder, tiny_index, tiny_model_dir, tiny_shards
+from vlp.retrieval import store
+from vlp.retrieval.build import build_index_dir
+from vlp.retrieval.embed import EmbedSettings, embed_shards
+from vlp.retrieval.index import load_index
+from vlp.retrieval.search import Searcher
+
+
+def settings(**kw) -> EmbedSettings:
+    base = dict(model=str(tiny_model_dir()), batch_size=8, chunk_size=4, filip_tokens=4)
+    return EmbedSettings(**{**base, **kw})
+
+
+def same_store(a, b) -> None:
+    ta, tb = pq.read_table(a / store.ITEMS), pq.read_table(b / store.ITEMS)
+    assert ta.equals(tb)
+    for name in (store.IMAGE_EMB, store.TEXT_EMB, store.TEXT_OWNER, store.IMAGE_TOKENS):
+        np.testing.assert_array_equal(np.load(a / name), np.load(b / name))
+
+
+def test_items_carry_metadata_ids_and_image_offsets():
+    searcher = Searcher(tiny_index())
+    items = searcher.items
+    assert len(items) == 30  # 3 shards x 10; the undecodable sample is a counted skip
+    manifest = json.loads((tiny_index() / "manifest.json").read_text())
+    assert manifest["count"] == 30 and manifest["dims"] == 32 and manifest["factory"] == "IDMap,Flat"
+    assert manifest["model"] == str(tiny_model_dir()) and manifest["recall_at_10"] == 1.0
+    row = items.row(store.item_id("010010"))
+    record = items.item(row)
+    assert record["key"] == "010010" and record["captions"] == ["a blue square", "square in blue"]
+    assert record["json"]["n"] == 10 and record["shard"].endswith("part1-000000.tar")
+    with tarfile.open(record["shard"]) as tar:  # the stored offset reads the exact member
+        assert searcher.image_bytes(row) == tar.extractfile("010010.jpg").read()
+    assert items.image_emb.dtype == np.float16 and items.tokens.shape == (30, 4, 32)
+    assert len(items.text_emb) == 60 and items.text_owner.tolist() == np.repeat(np.arange(30), 2).tolist()
+
+
+def test_resumed_build_equals_uninterrupted_build(tmp_path):
+    shards = list(tiny_shards())
+    full, resumed = tiny_index(), tmp_path / "resumed"  # tiny_index: one uninterrupted build
+
+    def kill_after_three(name):
+        if len(store.finished_chunks(resumed)) == 3:
+            (resumed / store.CHUNKS / ".leftover.img.npy").write_bytes(b"partial")
+            raise KeyboardInterrupt("killed")
+    with pytest.raises(KeyboardInterrupt):
+        embed_shards(encoder(), shards, resumed, settings(), on_chunk=kill_after_three)
+    again = embed_shards(encoder(), shards, resumed, settings())
+    assert again["resumed_chunks"] == 3 and again["chunks"] == 6
+    assert "skipped_bad_image" not in again  # its chunk was finished: not decoded again
+    assert not (resumed / store.CHUNKS / ".leftover.img.npy").exists()
+    build_index_dir(resumed, str(tiny_model_dir()))
+    same_store(full, resumed)
+    index_a, _ = load_index(full)
+    index_b, _ = load_index(resumed)
+    queries = np.load(full / store.TEXT_EMB).astype(np.float32)
+    np.testing.assert_array_equal(index_a.search(queries, 5)[1], index_b.search(queries, 5)[1])
+
+
+def test_ranks_embed_disjoint_shards_and_merge(tmp_path):
+    shards = list(tiny_shards())
+    a, b = tmp_path / "rank0", tmp_path / "rank1"
+    n0 = embed_shards(encoder(), shards, a, settings(), rank=0, world=2)["embedded"]
+    n1 = embed_shards(encoder(), shards, b, settings(), rank=1, world=2)["embedded"]
+    assert (n0, n1) == (20, 10)  # shards 0, 2 and shard 1
+    manifest = build_index_dir(a, str(tiny_model_dir()), merge_from=[b])
+    assert manifest.count == 30
+    same_store(a, tiny_index())
+
+
+def test_changed_settings_refuse_to_mix_chunks(tmp_path):
+    embed_shards(encoder(), list(tiny_shards())[:1], tmp_path, settings())
+    with pytest.raises(ValueError, match="chunk_size: 4 → 5"):
+        embed_shards(encoder(), list(tiny_shards())[:1], tmp_path, settings(chunk_size=5))
+
+
+def test_duplicate_keys_keep_first_and_are_counted(tmp_path, caplog):
+    embed_shards(encoder(), list(tiny_shards())[:1], tmp_path / "a", settings())
+    embed_shards(encoder(), list(tiny_shards())[:1], tmp_path / "b", settings())
+    # Same shard twice under one name: the chunk is taken once. Rename b's to force a clash.
+    for path in (tmp_path / "b" / store.CHUNKS).iterdir():
+        path.rename(path.with_name("zz" + path.name))
+    count = store.merge_chunks(tmp_path / "a", [tmp_path / "b"])
+    assert count == 10 and "dropped 10 items" in caplog.text
+
+
+def test_missing_chunks_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished embedding chunks"):
+        build_index_dir(tmp_path, "m")
