@@ -22,7 +22,9 @@ def _finish(tokens: torch.Tensor, sep_id: int, pad_id: int) -> torch.Tensor:
     """Drop the bos; everything after the first [SEP] becomes pad."""
     out = tokens[:, 1:]
     after_sep = (out == sep_id).long().cumsum(1) - (out == sep_id).long() > 0
-    return out.masked_fill(after_sep, pad_id)
+    out = out.masked_fill(after_sep, pad_id)
+    length = int((out != pad_id).any(0).nonzero().max()) + 1 if (out != pad_id).any() else 1
+    return out[:, :length]
 
 
 @torch.no_grad()

@@ -133,7 +133,7 @@ class VLPModel(nn.Module):
             raise ValueError("this model has no captioning decoder (model.decoder.enabled: false)")
         sep_id, pad_id = self._special_ids()
         return generate_ids(self.decoder, self.vision(images), sep_id, pad_id, method,
-                            max_new_tokens or self.max_new_tokens, **options)
+                            self.max_new_tokens if max_new_tokens is None else max_new_tokens, **options)
 
     def generate(self, images: torch.Tensor, method: str = "beam", max_new_tokens: int | None = None,
                  tokenizer=None, **options) -> list[str]:

