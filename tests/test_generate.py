@@ -91,3 +91,35 @@ def test_generate_returns_strings_and_rejects_bad_arguments(model, images, tmp_p
         model.generate_ids(images, method="greedy", max_new_tokens=0)
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(images)
+
+
+def test_caption_pipeline_writes_one_line_per_readable_image(model, tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from test_model import tiny_cfg
+    from vlp.model import save_model_dir
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    import caption as caption_cli
+
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    add_decoder_token(tokenizer, model.decoder.dec_token_id)
+    save_model_dir(model, tiny_cfg(), tokenizer, tmp_path / "model")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (20, 20), colour).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "captions.jsonl"
+    code = caption_cli.main(["--model", str(tmp_path / "model"), "--images", str(folder),
+                             "--method", "greedy", "--max-new-tokens", "4", "--out", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png"]
+    assert all(isinstance(r["caption"], str) for r in rows)
+    assert "skipping" in capsys.readouterr().err
+    assert caption_cli.main(["--model", str(tmp_path / "nope"), "--images", str(folder)]) == 2

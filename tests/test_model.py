@@ -17,6 +17,7 @@ OBJECTIVES = ("itc", "filip", "itm", "lm")
 def tiny_cfg(**weights) -> Config:
     """A model small enough to build and step in well under a second."""
     cfg = Config()
+    cfg.data.image_size = 16
     v = cfg.model.vision
     v.image_size, v.patch_size, v.width, v.depth, v.heads = 16, 8, 32, 2, 2
     t = cfg.model.text
@@ -296,3 +297,23 @@ def test_incomplete_model_dir_names_the_missing_file(tmp_path, missing):
         target.unlink()
     with pytest.raises(FileNotFoundError, match=missing):
         load_model_dir(tmp_path / "model")
+
+
+def test_vision_tower_by_timm_name_and_from_a_local_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlp.config import VisionConfig
+    from vlp.model.vision import VisionTower
+
+    by_name = VisionTower(VisionConfig(timm_name="vit_tiny_patch16_224", image_size=32))
+    assert by_name(torch.randn(2, 3, 32, 32)).shape == (2, 5, 192)
+    with pytest.raises(ValueError, match="unknown timm model"):
+        VisionTower(VisionConfig(timm_name="vit_made_up_patch3"))
+    dims = VisionConfig(image_size=16, patch_size=8, width=32, depth=2, heads=2)
+    source = VisionTower(dims)
+    save_file({k: v.contiguous() for k, v in source.vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    loaded = VisionTower(VisionConfig(**{**dims.__dict__, "pretrained": str(tmp_path / "vit.safetensors")}))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x), source.eval()(x))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        VisionTower(VisionConfig(**{**dims.__dict__, "pretrained": str(tmp_path / "missing.safetensors")}))

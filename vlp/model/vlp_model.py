@@ -71,6 +71,18 @@ class VLPModel(nn.Module):
             self.decoder.grad_checkpointing = enable
 
     @property
+    def has_filip(self) -> bool:
+        return hasattr(self, "filip")
+
+    @property
+    def has_itm(self) -> bool:
+        return self.itm_head is not None
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         """The ITC scale s (not its log), as used in the loss."""
         return self.itc.scale().detach()
@@ -80,7 +92,7 @@ class VLPModel(nn.Module):
         return self._filip().scale().detach()
 
     def _filip(self) -> FilipLoss:
-        if not hasattr(self, "filip"):
+        if not self.has_filip:
             raise ValueError("this model has no FILIP heads (it was built with loss.filip: 0)")
         return self.filip
 
