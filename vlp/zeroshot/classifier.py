@@ -37,34 +37,44 @@ class TextEncoder:
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from vlp.data import tokenize
         batch = tokenize(self.tokenizer, texts, self.max_len)
-        return batch["input_ids"], batch["attention_mask"]
+        # Prompts are short and max_len pads them far: columns that are pad in every row
+        # change nothing (they are masked) but cost time, so they are dropped.
+        length = max(int(batch["attention_mask"].sum(1).max()), 1)
+        return batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
         """[len(texts), D] normalized global embeddings."""
-        out = []
-        for chunk in self._chunks(texts, "class embeddings"):
-            ids, mask = self.tokenize(chunk)
-            out.append(self.model.encode_text(ids, mask).float())
-        return torch.cat(out)
+        ids, mask = self.tokenize(texts)
+        out = None
+        for rows, length in self._length_sorted_batches(mask, "class embeddings"):
+            emb = self.model.encode_text(ids[rows, :length], mask[rows, :length]).float()
+            out = emb.new_empty(len(texts), emb.shape[-1]) if out is None else out
+            out[rows] = emb
+        return out
 
     @torch.no_grad()
     def embed_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """FILIP token embeddings [N, L, Df] and mask [N, L], padded to one length."""
-        tokens, masks = [], []
-        for chunk in self._chunks(texts, "prompt tokens"):
-            ids, mask = self.tokenize(chunk)
-            tokens.append(self.model.encode_text_tokens(ids, mask).float())
-            masks.append(mask)
-        length = max(t.shape[1] for t in tokens)
-        tokens = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in tokens])
-        masks = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
-        return tokens, masks
+        ids, mask = self.tokenize(texts)
+        out = None
+        for rows, length in self._length_sorted_batches(mask, "prompt tokens"):
+            tokens = self.model.encode_text_tokens(ids[rows, :length], mask[rows, :length]).float()
+            if out is None:
+                out = tokens.new_zeros(len(texts), ids.shape[1], tokens.shape[-1])
+            out[rows, :length] = tokens
+        return out, mask
 
-    def _chunks(self, texts, what):
-        starts = range(0, len(texts), self.batch_size)
-        for start in tqdm(starts, desc=what, unit="batch", disable=not self.progress or len(starts) < 4):
-            yield texts[start:start + self.batch_size]
+    def _length_sorted_batches(self, mask: torch.Tensor, what: str):
+        """Row batches of similar prompt length, each with its own length: templates differ
+        in length, and a batch costs as much as its longest prompt."""
+        lengths = mask.sum(1)
+        order = lengths.argsort(stable=True)
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc=what, unit="batch",
+                          disable=not self.progress or len(starts) < 4):
+            rows = order[start:start + self.batch_size]
+            yield rows, max(int(lengths[rows].max()), 1)
 
 
 def ensemble(prompt_embeddings: torch.Tensor, n_classes: int) -> torch.Tensor:

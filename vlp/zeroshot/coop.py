@@ -121,7 +121,7 @@ def tune_context(model, encoder: TextEncoder, names: list[str], features: torch.
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return ctx.detach(), losses
 
 
