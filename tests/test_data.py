@@ -264,3 +264,57 @@ def test_training_survives_corrupt_shards(tmp_path):
         skipped.update(b["skipped"])
         assert len(b["key"]) == 4
     assert len(batches) == 10 and set(skipped) == set(EXPECTED_SKIPS)
+
+
+# --------------------------------------------------------------------------- tar reading
+
+def test_batch_tokenizer_matches_tokenize(tokenizer):
+    from vlp.data.text import BatchTokenizer
+
+    texts = ["", "Café au lait ☕", "a b " * 50, "flag: Germany, flag", "UPPER lower"]
+    fast = BatchTokenizer(tokenizer, 16)
+    assert fast.backend is not None
+    reference = tokenize(tokenizer, texts, 16)
+    out = fast(texts)
+    assert torch.equal(out["input_ids"], reference["input_ids"])
+    assert torch.equal(out["attention_mask"], reference["attention_mask"])
+
+
+def test_reads_tars_from_other_writers(tmp_path):
+    """GNU/pax long names, directories, gzip: shards not written by vlp still read."""
+    import tarfile
+
+    long_dir = "d" * 120
+    for fmt, name in ((tarfile.GNU_FORMAT, "gnu.tar"), (tarfile.PAX_FORMAT, "pax.tar.gz")):
+        with tarfile.open(tmp_path / name, "w:gz" if name.endswith("gz") else "w", format=fmt) as tar:
+            tar.addfile(_dir_info(long_dir))
+            for i in range(3):
+                for ext, data in (("jpg", jpeg()), ("txt", f"ünïcode {i}".encode())):
+                    info = tarfile.TarInfo(f"{long_dir}/sample{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    keys, skipped, batches = run_eval(cfg_for(val=f"{tmp_path}/gnu.tar::{tmp_path}/pax.tar.gz"))
+    assert keys == [f"{long_dir}/sample{i}" for i in range(3)] * 2 and not skipped
+    assert batches[0]["text"][0] == "ünïcode 0"
+
+
+def _dir_info(name):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_corrupt_tar_header_is_counted(tmp_path):
+    spec = write_shards(tmp_path, "val", [good(i) for i in range(6)], maxcount=10)
+    shard = tmp_path / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[6].offset  # the header of sample 3's jpg
+    data[offset:offset + 64] = b"\x07" * 64
+    shard.write_bytes(bytes(data))
+    keys, skipped, _ = run_eval(cfg_for(val=spec))
+    assert keys == ["s00000", "s00001", "s00002"] and skipped == {"bad_tar": 1}

@@ -11,13 +11,11 @@ import hashlib
 import json
 import math
 import random
-from functools import partial
 from typing import Any, Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from vlp.config import DataConfig
 from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, Normalize, TrainTransform, decode_image
@@ -92,8 +90,9 @@ class _EvalShards:
             yield {"url": url}
 
 
-class _ReadTars:
-    """Shard URLs → tar members {fname, data, __url__}, then an end-of-shard marker so that
+class _ReadSamples:
+    """Shard URLs → samples {"__key__", "__url__", ext: bytes, ...}: consecutive tar members
+    sharing a key (the name up to the first dot of its last path part) form one sample, and
     samples never straddle shards. A broken tar yields what precedes the damage."""
 
     def __init__(self, ctx: _Context):
@@ -109,16 +108,27 @@ class _ReadTars:
             except Exception as err:
                 skips.handler(err)
                 continue
+            sample: dict = {}
             try:
                 if url.endswith((".gz", ".tgz")):
                     stream = gzip.GzipFile(fileobj=stream)
                 for fname, data in tar_members(stream):
-                    yield {"fname": fname, "data": data, "__url__": url}
+                    slash = fname.rfind("/") + 1
+                    dot = fname.find(".", slash)
+                    if dot < 0:
+                        continue  # no extension: not part of a sample
+                    key, ext = fname[:dot], fname[dot + 1:].lower()
+                    if sample.get("__key__") != key or ext in sample:
+                        if sample:
+                            yield sample
+                        sample = {"__key__": key, "__url__": url}
+                    sample[ext] = data
             except (BrokenTar, OSError, EOFError) as err:
                 skips.shard_error(f"{type(err).__name__}: {err}")
             finally:
                 stream.close()
-            yield {}  # group_by_keys: end of shard
+            if sample:
+                yield sample
 
 
 class _EvalSampleSplit:
@@ -308,8 +318,7 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
     ctx = _Context(rank, world_size, cfg.seed)
     pipeline = wds.DataPipeline(
         _ResampledShards(ctx, urls),
-        _ReadTars(ctx),
-        partial(group_by_keys, handler=ctx.skips.handler),
+        _ReadSamples(ctx),
         _Shuffle(ctx, cfg.shuffle_buffer),
         _Decode(ctx, TrainTransform(cfg)),
         _Batch(ctx, cfg, tokenizer, train=True),
@@ -328,8 +337,7 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
     ctx = _Context(rank, world_size, cfg.seed)
     pipeline = wds.DataPipeline(
         _EvalShards(ctx, urls),
-        _ReadTars(ctx),
-        partial(group_by_keys, handler=ctx.skips.handler),
+        _ReadSamples(ctx),
         _EvalSampleSplit(ctx, len(urls)),
         _Decode(ctx, EvalTransform(cfg)),
         _Batch(ctx, cfg, tokenizer, train=False),
