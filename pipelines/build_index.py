@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=10_000, help="samples per resumable chunk")
     p.add_argument("--fp32", action="store_true", help="store embeddings as float32 (default float16)")
     p.add_argument("--filip-tokens", type=int, default=16, help="FILIP tokens kept per image (0 none, -1 all)")
+    p.add_argument("--no-captions", action="store_true", help="embed images only (no --eval; tunes on image queries)")
     p.add_argument("--factory", help="FAISS factory string; overrides the automatic choice")
     p.add_argument("--memory-budget", type=parse_size, help="index RAM budget, e.g. 2G (picks PQ when exceeded)")
     p.add_argument("--target-recall", type=float, default=0.95)
@@ -67,7 +68,8 @@ def run(args) -> int:
             raise ValueError("--model and --shards are required to embed")
         shards = expand_spec(args.shards, "--shards")
         settings = EmbedSettings(model=str(Path(args.model).resolve()), batch_size=args.batch_size,
-                                 chunk_size=args.chunk_size, fp16=not args.fp32, filip_tokens=args.filip_tokens)
+                                 chunk_size=args.chunk_size, fp16=not args.fp32, filip_tokens=args.filip_tokens,
+                                 captions=not args.no_captions)
         encoder = Encoder(settings.model, threads=args.threads or None)
         counts = embed_shards(encoder, shards, Path(args.out), settings, args.rank, args.world)
         print(json.dumps({"embed": counts}))

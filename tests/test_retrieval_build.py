@@ -97,3 +97,26 @@ def test_duplicate_keys_keep_first_and_are_counted(tmp_path, caplog):
 def test_missing_chunks_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished embedding chunks"):
         build_index_dir(tmp_path, "m")
+
+
+def test_build_cli_images_only_with_factory_override(tmp_path, capsys):
+    from pipelines.build_index import main
+
+    out = tmp_path / "idx"
+    shard = list(tiny_shards())[1]
+    assert main(["--model", str(tiny_model_dir()), "--shards", shard, "--out", str(out),
+                 "--no-captions", "--filip-tokens", "0", "--factory", "IDMap,HNSW8", "--fp32"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["factory"] == "IDMap,HNSW8" and manifest["count"] == 10
+    assert "efSearch" in manifest["search_params"]
+    searcher = Searcher(out, encoder=encoder())
+    assert len(searcher.items.text_emb) == 0 and searcher.items.tokens is None
+    assert searcher.items.image_emb.dtype == np.float32
+    with pytest.raises(ValueError, match="needs stored image tokens"):
+        searcher.search_text("a red circle", 3, rerank="filip")
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path / "x"), "--shards", shard]) == 2
+    assert "--model and --shards are required" in capsys.readouterr().err
+    assert main(["--model", str(tiny_model_dir()), "--shards", str(tmp_path / "none-{0..1}.tar"),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "shard not found" in capsys.readouterr().err

@@ -32,6 +32,8 @@ class EmbedSettings:
     fp16: bool = True
     # FILIP tokens kept per image: 0 stores none, -1 stores all.
     filip_tokens: int = 16
+    # Caption embeddings: needed for --eval and to tune on real text queries.
+    captions: bool = True
 
     def check_against(self, index_dir: Path) -> None:
         """A resumed or merged build must use the settings its chunks were made with."""
@@ -114,7 +116,7 @@ def _embed_chunk(encoder: Encoder, index_dir: Path, name: str, samples: list[Raw
         bar.update(len(kept))
     dims = encoder.cfg.model.embed_dim
     image_emb = np.concatenate(image_parts) if image_parts else np.zeros((0, dims), np.float32)
-    text_emb = _embed_texts(encoder, captions, settings.batch_size, dims)
+    text_emb = _embed_texts(encoder, captions if settings.captions else [], settings.batch_size, dims)
     tokens = None
     if settings.filip_tokens != 0:
         tokens = np.concatenate(token_parts) if token_parts else np.zeros((0, 1, encoder.cfg.model.filip_dim), np.float16)

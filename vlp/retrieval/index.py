@@ -30,6 +30,9 @@ FLAT_MAX = 50_000
 # FAISS k-means wants 30..256 training points per centroid.
 MIN_POINTS_PER_LIST = 39
 MAX_POINTS_PER_LIST = 256
+# k-means cost grows with points x lists; past this many points the centroids barely move
+# (at 4096 lists it still leaves 64 points per list, inside the 39..256 guidance).
+MAX_TRAIN_POINTS = 1 << 18
 # Indexes larger than this load memory-mapped instead of into RAM.
 MMAP_MIN_BYTES = 1 << 30
 
@@ -103,11 +106,13 @@ def ivf_lists(count: int) -> int:
 
 
 def training_size(index: faiss.Index, count: int) -> int:
-    """How many vectors to train on: 256 per IVF list (FAISS guidance), PQ needs ≥ 256·39."""
+    """How many vectors to train on: up to 256 per IVF list (FAISS guidance), at least 39 per
+    list and 256·39 for PQ/OPQ codebooks, capped at MAX_TRAIN_POINTS."""
     if index.is_trained:
         return 0
     ivf = _ivf_of(index)
-    want = MAX_POINTS_PER_LIST * ivf.nlist if ivf is not None else 0
+    nlist = ivf.nlist if ivf is not None else 0
+    want = min(MAX_POINTS_PER_LIST * nlist, max(MAX_TRAIN_POINTS, MIN_POINTS_PER_LIST * nlist))
     want = max(want, 256 * MIN_POINTS_PER_LIST)  # PQ/OPQ codebooks have 256 centroids
     return min(count, want)
 

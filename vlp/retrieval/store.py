@@ -118,6 +118,23 @@ def merge_chunks(index_dir: Path, extra_dirs: Iterable[Path] = ()) -> int:
     items = pa.concat_tables(tables)
     _atomic(index_dir / ITEMS, lambda tmp: pq.write_table(items, tmp))
     _merge_arrays(index_dir / IMAGE_EMB, [(f"{s}.img.npy", keep_masks[n]) for n, s in sorted(sources.items())])
+    _merge_texts(index_dir, sources, keep_masks)
+    token_files = [(f"{s}.tok.npy", keep_masks[n]) for n, s in sorted(sources.items())]
+    if all(Path(f).is_file() for f, _ in token_files):
+        _merge_arrays(index_dir / IMAGE_TOKENS, token_files)
+    elif (index_dir / IMAGE_TOKENS).exists():
+        (index_dir / IMAGE_TOKENS).unlink()
+    return items.num_rows
+
+
+def _merge_texts(index_dir: Path, sources: dict[str, Path], keep_masks: dict[str, np.ndarray]) -> None:
+    """Caption embeddings of kept items, and the row of the image each belongs to."""
+    with_text = any(len(np.load(f"{stem}.txt.npy", mmap_mode="r")) for stem in sources.values())
+    if not with_text:  # built without caption embeddings
+        dims = np.load(index_dir / IMAGE_EMB, mmap_mode="r").shape[1]
+        _save_npy(index_dir / TEXT_EMB, np.zeros((0, dims), np.float32))
+        _save_npy(index_dir / TEXT_OWNER, np.zeros(0, np.int64))
+        return
     text_masks, owners, offset = [], [], 0
     for name, stem in sorted(sources.items()):
         table = pq.read_table(f"{stem}.parquet", columns=["captions"])
@@ -129,12 +146,6 @@ def merge_chunks(index_dir: Path, extra_dirs: Iterable[Path] = ()) -> int:
         offset += len(kept_counts)
     _merge_arrays(index_dir / TEXT_EMB, text_masks)
     _save_npy(index_dir / TEXT_OWNER, np.concatenate(owners).astype(np.int64))
-    token_files = [(f"{s}.tok.npy", keep_masks[n]) for n, s in sorted(sources.items())]
-    if all(Path(f).is_file() for f, _ in token_files):
-        _merge_arrays(index_dir / IMAGE_TOKENS, token_files)
-    elif (index_dir / IMAGE_TOKENS).exists():
-        (index_dir / IMAGE_TOKENS).unlink()
-    return items.num_rows
 
 
 class ItemStore:
