@@ -16,7 +16,7 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         if cfg.timm_name:
-            if cfg.timm_name not in timm.list_models():
+            if not timm.is_model(cfg.timm_name):
                 raise ValueError(f"model.vision.timm_name: unknown timm model '{cfg.timm_name}'")
             self.vit = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0,
                                          img_size=cfg.image_size)

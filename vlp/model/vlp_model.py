@@ -144,8 +144,15 @@ class VLPModel(nn.Module):
         if self.decoder is None:
             raise ValueError("this model has no captioning decoder (model.decoder.enabled: false)")
         sep_id, pad_id = self._special_ids()
-        return generate_ids(self.decoder, self.vision(images), sep_id, pad_id, method,
-                            self.max_new_tokens if max_new_tokens is None else max_new_tokens, **options)
+        was_training = self.training
+        self.eval()  # no dropout while decoding, also when called mid-training
+        try:
+            with torch.no_grad():
+                return generate_ids(self.decoder, self.vision(images), sep_id, pad_id, method,
+                                    self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                                    **options)
+        finally:
+            self.train(was_training)
 
     def generate(self, images: torch.Tensor, method: str = "beam", max_new_tokens: int | None = None,
                  tokenizer=None, **options) -> list[str]:
