@@ -202,6 +202,7 @@ def test_eval_keeps_partial_batch_and_flattens_captions(tmp_path, tokenizer):
     samples = [good(i, json={"captions": ["x"] * (i % 3)}) for i in range(6)]
     spec = write_shards(tmp_path, "val", samples, maxcount=10)
     keys, _, batches = run_eval(cfg_for(val=spec, eval_batch_size=4), tokenizer=tokenizer)
+    assert eval_loader(cfg_for(val=spec), None).num_samples == 6
     assert [len(b["key"]) for b in batches] == [4, 2]
     b = batches[1]  # samples 4 and 5: 1 + 1 and 1 + 2 captions
     assert b["text"] == ["caption 4", "x", "caption 5", "x", "x"]

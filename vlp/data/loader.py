@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 
-from vlp.config import DataConfig
+from vlp.config import ConfigError, DataConfig
 from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, Normalize, TrainTransform, decode_image
 from vlp.data.mixgen import mixgen
 from vlp.data.skips import SkipCounter
@@ -342,4 +342,10 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
         _Decode(ctx, EvalTransform(cfg)),
         _Batch(ctx, cfg, tokenizer, train=False),
     )
-    return _web_loader(pipeline, cfg.workers)
+    loader = _web_loader(pipeline, cfg.workers)
+    # For progress bars: all ranks together; None when neither sizes.json nor a count is known.
+    try:
+        loader.num_samples = count_samples(urls, cfg.val_samples if spec is None else None, "data.val_samples")
+    except ConfigError:
+        loader.num_samples = None
+    return loader
