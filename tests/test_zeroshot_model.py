@@ -193,3 +193,99 @@ def test_class_embedding_cache(model_dir, tmp_path):
     torch.testing.assert_close(first.class_embeddings, again.class_embeddings)
     ZeroShotClassifier(model, encoder, ["red", "blue"], ["the {}"], cache=cache)
     assert cache.hits == 1 and len(list(tmp_path.glob("itc-*.pt"))) == 2
+
+
+# --------------------------------------------------------------------------- user errors
+
+def test_missing_or_incomplete_model_dir_is_named(model_dir, held_out, classes_json, tmp_path, capsys):
+    code, _, err = _cli(capsys, "--model", tmp_path / "nope", "--images", held_out,
+                        "--classes", classes_json)
+    assert code == 2 and "model directory not found" in err and "nope" in err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.yaml").write_text((model_dir / "config.yaml").read_text())
+    code, _, err = _cli(capsys, "--model", partial, "--images", held_out, "--classes", classes_json)
+    assert code == 2 and "missing model.safetensors" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_labels_named_and_unreadable_images_counted(model_dir, held_out, tmp_path, capsys, caplog):
+    images = tmp_path / "images"
+    for label in ("red", "blue", "green"):
+        (images / label).mkdir(parents=True)
+        for src in sorted((held_out / ("blue" if label == "green" else label)).glob("*.png"))[:3]:
+            (images / label / src.name).write_bytes(src.read_bytes())
+    (images / "red" / "truncated.png").write_bytes((held_out / "red" / "0.png").read_bytes()[:60])
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red\nblue\n")
+    code, out, _ = _cli(capsys, "--model", model_dir, "--images", images, "--classes", classes,
+                        "--templates", "none", "--out", tmp_path / "out")
+    assert code == 0
+    assert json.loads(out[-1])["n"] == 6  # green is not a class: left out of the accuracy
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["unknown_labels"] == {"green": 3}
+    assert metrics["skipped"] == {"unreadable image": 1}
+    assert metrics["n_predicted"] == 9
+    assert "'green' (3)" in caplog.text
+
+
+def test_bad_class_file_and_templates_are_user_errors(model_dir, held_out, tmp_path, capsys):
+    dup = tmp_path / "dup.txt"
+    dup.write_text("red\nblue\nred\n")
+    code, _, err = _cli(capsys, "--model", model_dir, "--images", held_out, "--classes", dup)
+    assert code == 2 and "duplicate class names: ['red']" in err
+    classes = tmp_path / "ok.txt"
+    classes.write_text("red\nblue\n")
+    code, _, err = _cli(capsys, "--model", model_dir, "--images", held_out, "--classes", classes,
+                        "--templates", "fancy")
+    assert code == 2 and "neither a built-in set" in err
+
+
+def test_single_image_prints_top5_and_folder_gives_predictions_only(model_dir, held_out, classes_json,
+                                                                    tmp_path, capsys):
+    one = held_out / "red" / "0.png"
+    code, out, _ = _cli(capsys, "--model", model_dir, "--images", one, "--classes", classes_json,
+                        "--out", tmp_path / "single")
+    assert code == 0
+    assert out[-4].endswith("0.png")
+    assert "red square" in out[-3] and "%" in out[-3] and "blue square" in out[-2]
+    assert json.loads(out[-1]) == {"top1": None, "top5": None, "mean_per_class": None, "n": 0}
+    code, out, _ = _cli(capsys, "--model", model_dir, "--images", held_out / "blue",
+                        "--classes", classes_json, "--out", tmp_path / "folder")
+    assert code == 0
+    rows = (tmp_path / "folder" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 13 and all(",," in r for r in rows[1:])  # no label, no "correct"
+
+
+# --------------------------------------------------------------------------- CoOp
+
+def test_coop_lowers_loss_and_round_trips(model_dir, held_out, classes_json, tmp_path, capsys):
+    model, cfg, tokenizer = load_model(model_dir)
+    encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=False)
+    images = _images(held_out)  # sorted: blue/* then red/*
+    targets = torch.tensor([1] * 12 + [0] * 12)  # class order in classes_json: red, blue
+    with torch.no_grad():
+        features = model.encode_image(images)
+    ctx, losses = tune_context(model, encoder, ["red square", "blue square"], features, targets,
+                               n_ctx=2, steps=15, lr=1e-2)
+    assert ctx.shape == (2, model.text.width)
+    assert losses[-1] < losses[0]
+
+    prompt = tmp_path / "ctx.safetensors"
+    code, out, _ = _cli(capsys, "--model", model_dir, "--images", held_out, "--classes", classes_json,
+                        "--tune-prompts", 4, "--tune-steps", 10, "--n-ctx", 2,
+                        "--prompt-out", prompt, "--out", tmp_path / "tuned")
+    assert code == 0 and prompt.is_file()
+    summary = json.loads(out[-1])
+    assert summary["n"] == 16  # 24 images minus 4 shots for each of 2 classes
+    metrics = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert metrics["coop"]["loss_last"] < metrics["coop"]["loss_first"]
+    assert metrics["hand_written"]["n"] == 16 and metrics["hand_written"]["top1"] is not None
+
+    saved, meta = load_context(prompt, model)
+    assert saved.shape == (2, model.text.width) and meta["shots"] == 4
+    code, out, _ = _cli(capsys, "--model", model_dir, "--images", held_out, "--classes", classes_json,
+                        "--templates", f"learned:{prompt}", "--out", tmp_path / "reuse")
+    assert code == 0 and json.loads(out[-1])["n"] == 24
+    reused = learned_class_embeddings(model, encoder, ["red square", "blue square"], prompt)
+    assert torch.allclose(reused.norm(dim=-1), torch.ones(2), atol=1e-5)

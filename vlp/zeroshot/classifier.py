@@ -96,6 +96,10 @@ class ZeroShotClassifier:
             raise ZeroShotError(f"--scoring must be one of {SCORINGS}, got {scoring!r}")
         if templates is None and scoring != "itc":
             raise ZeroShotError(f"learned prompts support --scoring itc only, not {scoring}")
+        if scoring == "filip" and not model.has_filip:
+            raise ZeroShotError("--scoring filip: this model has no FILIP heads (trained with loss.filip: 0)")
+        if scoring == "itm" and not model.has_itm:
+            raise ZeroShotError("--scoring itm: this model has no ITM head (model.text.fusion_layers: 0)")
         self.model, self.encoder = model, encoder
         self.classnames, self.templates = classnames, templates
         self.scoring, self.itm_k, self.filip_chunk = scoring, itm_k, filip_chunk
