@@ -141,6 +141,9 @@ def test_shards_with_label_field(tmp_path):
     got = [(k, label) for k, label, _ in source]
     assert got == [("a", "red"), ("e", "blue")]
     assert source.skipped == {"unreadable image": 1, "no 'group' in json": 1, "no image member": 1}
+    expanded_by_shell = open_source([str(tmp_path / "val-000000.tar"), str(tmp_path / "val-000001.tar")],
+                                    label_field="group")
+    assert [k for k, _, _ in expanded_by_shell] == ["a", "e"]
     unlabelled = open_source([f"{tmp_path}/val-{{000000..000001}}.tar"])
     assert not unlabelled.labelled and len(list(unlabelled)) == 3
     with pytest.raises(ZeroShotError, match="shards not found"):

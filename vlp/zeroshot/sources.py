@@ -133,11 +133,11 @@ def open_source(specs: list[str], label_field: str | None = None) -> ImageSource
     """Pick the source type from what `specs` points at (see module docstring)."""
     if not specs:
         raise ZeroShotError("no images given")
+    if all(_looks_like_shards(s) for s in specs):  # also an unquoted glob the shell expanded
+        return ShardSource([url for s in specs for url in _expand_shards(s)], label_field)
     if len(specs) > 1:
         return FileListSource([(_existing_file(s), None) for s in specs], "files")
     spec = specs[0]
-    if _looks_like_shards(spec):
-        return ShardSource(_expand_shards(spec), label_field)
     if label_field is not None:
         raise ZeroShotError(f"--label-field applies to shards (*.tar), not to {spec}")
     path = Path(spec).expanduser()
