@@ -126,6 +126,19 @@ def test_mixgen_blends_images_and_joins_captions():
         j = texts.index(other)
         assert own == texts[i] and j != i
         assert torch.allclose(mixed[i], 0.25 * images[i] + 0.75 * images[j])
+    as_bytes = torch.tensor([10, 11], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    mixed, _ = mixgen(as_bytes, ["a", "b"], 1.0, 0.5, random.Random(0))
+    assert mixed.dtype == torch.uint8 and (mixed == 10).all()  # 10.5 rounds to even, not truncation
+    mixed, _ = mixgen(as_bytes, ["a", "b"], 1.0, 0.75, random.Random(0))
+    assert mixed[0, 0, 0, 0] == 10 and mixed[1, 0, 0, 0] == 11  # 10.25 → 10, 10.75 → 11
+
+
+def test_loader_applies_mixgen_when_asked(tmp_path):
+    spec = write_shards(tmp_path, "train", [good(i) for i in range(8)], maxcount=8)
+    batch = next(iter(train_loader(cfg_for(spec, mixgen_prob=1.0), None)))
+    assert all(len(t.split("caption")) == 3 for t in batch["text"])  # two captions joined
+    plain = next(iter(train_loader(cfg_for(spec), None)))
+    assert all(len(t.split("caption")) == 2 for t in plain["text"])
 
 
 # --------------------------------------------------------------------------- specs

@@ -107,10 +107,8 @@ class Normalize:
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1) * 255.0)
 
-    def __call__(self, images: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = torch.empty(images.shape, dtype=torch.float32)
-        if shared:  # in a DataLoader worker: write straight into the memory sent to the main process
-            out.share_memory_()
         return out.copy_(images).sub_(self.mean).mul_(self.inv_std)
 
 

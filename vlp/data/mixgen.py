@@ -22,8 +22,11 @@ def mixgen(images: torch.Tensor, texts: list[str], prob: float, lam: float,
     if not pairs:
         return images, texts
     own, other = (torch.tensor(p) for p in zip(*pairs))
+    blended = lam * images[own].float() + (1.0 - lam) * images[other].float()
+    if not images.is_floating_point():  # uint8 batches: round, don't truncate
+        blended = blended.round_()
     mixed = images.clone()
-    mixed[own] = lam * images[own] + (1.0 - lam) * images[other]
+    mixed[own] = blended.to(images.dtype)
     mixed_texts = list(texts)
     for i, j in pairs:
         mixed_texts[i] = f"{texts[i]} {texts[j]}"
