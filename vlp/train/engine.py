@@ -1,0 +1,149 @@
+"""DeepSpeed engine setup: config generated from our TrainConfig, AdamW param groups,
+warmup + cosine schedule. The only module that calls `deepspeed.initialize`."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlp.config import ConfigError, TrainConfig
+
+# Name fragments of parameters that must not be decayed even when they are matrices.
+NO_DECAY_NAMES = ("logit_scale", "temperature", "log_var", "pos_embed", "cls_token",
+                  "position_embeddings", "token_type_embeddings")
+
+
+def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str:
+    """The precision the run will use; fp16 is refused on CPU (it is ~40x slower there and
+    DeepSpeed's loss scaler is GPU-only), bf16 falls back to fp32 where unsupported."""
+    if requested == "fp16" and not on_gpu:
+        raise ConfigError("train.precision=fp16 needs a GPU; on CPU use train.precision=bf16 "
+                          "(or fp32)")
+    if requested == "bf16" and not bf16_supported:
+        warnings.warn("bf16 is not supported on this device; training in fp32")
+        return "fp32"
+    return requested
+
+
+def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int,
+                     precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run. A user JSON (`train.deepspeed_config`) is merged on
+    top, so any key it names wins; batch sizes must then agree with `data.batch_size`."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": micro_batch * train.grad_accum * world_size,
+        # DeepSpeed does not clip unless told to.
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # Our torch AdamW under ZeRO: DeepSpeed only tests its own optimizers.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.deepspeed_config:
+        path = Path(train.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+        try:
+            user = json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {err}") from err
+        config = _merge(config, user)
+        if "train_batch_size" not in user:
+            config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"]
+                                          * config["gradient_accumulation_steps"] * world_size)
+        if config["train_micro_batch_size_per_gpu"] != micro_batch:
+            raise ConfigError(
+                f"{path}: train_micro_batch_size_per_gpu={config['train_micro_batch_size_per_gpu']} "
+                f"disagrees with data.batch_size={micro_batch}; set data.batch_size to match")
+        if config["bf16"].get("enabled") and config["fp16"].get("enabled"):
+            raise ConfigError(f"{path}: bf16 and fp16 cannot both be enabled")
+    return config
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_precision(ds_config: dict) -> str:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for weight matrices; none for norms, biases, temperatures,
+    embeddings of position/type and every other 1-d parameter. Each group carries the
+    parameter names, so checkpoints can be mapped back to names."""
+    extra = set(getattr(model, "no_weight_decay", lambda: ())())
+    decay, no_decay = ([], []), ([], [])
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = (param.ndim < 2 or name in extra
+                or any(fragment in name for fragment in NO_DECAY_NAMES))
+        names, params = no_decay if skip else decay
+        names.append(name)
+        params.append(param)
+    return [
+        {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
+        {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0 to 1, then cosine down to `min_ratio` at the end."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig):
+    """Torch AdamW (never DeepSpeed's fused/CPU Adam, whose JIT build takes a minute) and
+    its LambdaLR warmup-cosine schedule, stepped once per optimizer step."""
+    groups = param_groups(model, train.weight_decay)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  lr=train.lr, betas=tuple(train.betas), eps=train.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, train.warmup_steps, train.steps, train.min_lr_ratio))
+    return optimizer, schedule, [g["names"] for g in groups]
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
+    """deepspeed.initialize with our optimizer and schedule unless the user JSON brings its
+    own `optimizer` / `scheduler` sections. Returns (engine, param names per group)."""
+    import deepspeed
+
+    for param in model.parameters():
+        if param.ndim == 0:
+            # DeepSpeed broadcasts and partitions parameters through byte views, which a 0-d
+            # tensor (a logit scale) cannot give; ZeRO-3 fails outright. Shape [1] computes
+            # the same; the export reshapes it back.
+            param.data = param.data.reshape(1)
+    optimizer, schedule, names = build_optimizer(model, train)
+    kwargs: dict[str, Any] = {"model": model, "config": ds_config}
+    if "optimizer" in ds_config:
+        kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+        names = None
+    else:
+        kwargs["optimizer"] = optimizer
+    if "scheduler" not in ds_config and "optimizer" not in ds_config:
+        kwargs["lr_scheduler"] = schedule
+    engine, _, _, _ = deepspeed.initialize(**kwargs)
+    return engine, names

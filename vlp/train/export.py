@@ -1,0 +1,72 @@
+"""Checkpoint → self-contained model directory (fp32 weights, config, tokenizer), for any
+ZeRO stage and precision, without starting DeepSpeed or a process group."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+
+from vlp.config import load_config
+from vlp.train.checkpoint import CONFIG_FILE, read_trainer_state
+
+
+def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of a checkpoint directory (step-XXXXXXXX)."""
+    trainer = read_trainer_state(ckpt)
+    if trainer.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress for every shard
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        return {k: v.float() for k, v in state.items()}
+    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    # bf16/fp16 without ZeRO: the module holds rounded weights, the optimizer the fp32 masters,
+    # in the order of our param groups (whose names the trainer state records).
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    names = trainer.get("param_group_names")
+    if masters and names:
+        for group_names, group in zip(names, masters):
+            for name, tensor in zip(group_names, group):
+                state[name] = tensor.float()
+    return state
+
+
+def load_checkpoint_model(ckpt: Path):
+    """(model in fp32 with the checkpoint's weights, its config)."""
+    from vlp.model import build_model
+
+    config_path = ckpt / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} missing: {ckpt} is not a vlp training checkpoint")
+    cfg = load_config(config_path)
+    model = build_model(cfg).float()
+    state = fp32_state_dict(ckpt)
+    shapes = {**{k: v.shape for k, v in model.state_dict().items()}}
+    for name, tensor in state.items():  # 0-d parameters were trained as [1] (vlp.train.engine)
+        if name in shapes and tensor.shape != shapes[name] and tensor.numel() == shapes[name].numel():
+            state[name] = tensor.reshape(shapes[name])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt}: checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    # Tied parameters appear under several names; the primary name carries the fp32 master.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state:
+                param.copy_(state[name])
+    return model.eval(), cfg
+
+
+def export_model_dir(ckpt: Path, out_dir: Path) -> Path:
+    from vlp.data import build_tokenizer
+    from vlp.model import save_model_dir
+
+    model, cfg = load_checkpoint_model(ckpt)
+    # build_model attaches the tokenizer with the decoder's [DEC] token added.
+    save_model_dir(model, cfg, model.tokenizer or build_tokenizer(cfg.model.text), out_dir)
+    return out_dir

@@ -1,0 +1,100 @@
+"""What a run tells its user: a live tqdm bar on rank 0, metrics.jsonl, TensorBoard when
+it is installed."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class Meter:
+    """Sums over the steps since the last log line: loss terms, step and data-wait time."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.terms: dict[str, float] = {}
+        self.steps = 0
+        self.samples = 0
+        self.step_time = 0.0
+        self.data_time = 0.0
+        self.skipped: dict[str, int] = {}
+
+    def add(self, terms: dict[str, float], samples: int, step_time: float, data_time: float,
+            skipped: dict[str, int]) -> None:
+        for name, value in terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + value
+        self.steps += 1
+        self.samples += samples
+        self.step_time += step_time
+        self.data_time += data_time
+        for reason, count in skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(1, self.steps) for name, total in self.terms.items()}
+
+
+class RunLog:
+    """Rank 0 owns the bar and the files; other ranks get a RunLog that does nothing."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.writer = None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
+                        dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.writer = None
+
+    def step(self, losses: dict[str, float], lr: float, world_size: int, step_time: float,
+             data_time: float, samples: int) -> None:
+        if not self.enabled:
+            return
+        rate = samples / max(step_time, 1e-9)
+        shown = {k: f"{v:.3f}" for k, v in losses.items()}
+        shown.update(lr=f"{lr:.2e}", **{"sam/s": f"{rate:.0f}", "sam/s/rank": f"{rate / world_size:.0f}",
+                                        "wait": f"{data_time / max(step_time, 1e-9):.0%}"})
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def record(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        """One line of metrics.jsonl; numeric values also go to TensorBoard as kind/name."""
+        if not self.enabled:
+            return
+        line = {"step": step, "kind": kind, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.writer is not None:
+            for name, value in _flatten(values).items():
+                self.writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix + name] = float(value)
+    return flat
