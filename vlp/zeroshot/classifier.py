@@ -105,7 +105,7 @@ class ZeroShotClassifier:
         self.scoring, self.itm_k, self.filip_chunk = scoring, itm_k, filip_chunk
         self.logit_scale = _logit_scale(model, scoring)
         prompts = prompts_for(classnames, templates) if templates is not None else None
-        if class_embeddings is None:
+        if class_embeddings is None and scoring != "filip":
             class_embeddings = _cached(cache, "itc", prompts,
                                        lambda: ensemble(encoder.embed(prompts), len(classnames)))
         self.class_embeddings = class_embeddings
