@@ -111,6 +111,25 @@ def build_samples(size: int, quality: int) -> list[dict]:
     return samples
 
 
+PROVENANCE = """# Demo shards (generated: do not edit)
+
+{train} train + {val} val emoji, {train_shards} + {val_shards} img2dataset-layout shards, split by emoji
+(seed {seed}; skin-tone variants left out). Each sample: `KEY.jpg` ({size} px), `KEY.txt` (the
+CLDR English name), `KEY.json` (`name`, `keywords`, `group`, `subgroup`, `codepoints`, and
+`captions`: the name followed by its keywords). KEY is the code points in hex.
+
+Sources (Debian packages):
+- images: rendered from Noto Color Emoji (`fonts-noto-color-emoji`, SIL Open Font License 1.1);
+- names and keywords: Unicode CLDR annotations (`unicode-cldr-core`, Unicode License);
+- groups and subgroups: `emoji-test.txt` (`unicode-data`, Unicode License).
+
+Rebuild (byte-identical for the same package versions):
+
+    apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data
+    python tools/make_demo_shards.py shards/demo
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="output folder (replaced)")
@@ -134,6 +153,9 @@ def main() -> None:
                 writer.write(sample)
         sizes.update(writer.close())
     write_sizes(staging, sizes)
+    (staging / "README.md").write_text(PROVENANCE.format(
+        train=len(splits["train"]), val=len(splits["val"]), size=args.size, seed=args.seed,
+        train_shards=args.train_shards, val_shards=args.val_shards))
     shutil.rmtree(args.out, ignore_errors=True)
     staging.rename(args.out)
     total = sum(p.stat().st_size for p in args.out.iterdir())
