@@ -280,6 +280,12 @@ def test_training_survives_corrupt_shards(tmp_path):
     assert len(batches) == 10 and set(skipped) == set(EXPECTED_SKIPS)
 
 
+def test_training_on_nothing_usable_fails_loudly(tmp_path):
+    spec = write_shards(tmp_path, "train", corrupt_samples()[1:8], maxcount=100)
+    with pytest.raises(RuntimeError, match="no usable sample in the last 108 shards"):
+        next(iter(train_loader(cfg_for(spec, train_samples=10), None)))
+
+
 # --------------------------------------------------------------------------- tar reading
 
 def test_batch_tokenizer_matches_tokenize(tokenizer):

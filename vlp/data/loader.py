@@ -38,6 +38,7 @@ class _Context:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch = 0  # set in the main process before the workers of an epoch start
         self.skips = SkipCounter()
+        self.shards_without_sample = 0
 
     def worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -95,13 +96,19 @@ class _ReadSamples:
     sharing a key (the name up to the first dot of its last path part) form one sample, and
     samples never straddle shards. A broken tar yields what precedes the damage."""
 
-    def __init__(self, ctx: _Context):
-        self.ctx = ctx
+    def __init__(self, ctx: _Context, give_up_after: int | None = None):
+        # Training resamples forever: if nothing decodes, fail loudly instead of spinning.
+        self.ctx, self.give_up_after = ctx, give_up_after
 
     def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
-        skips = self.ctx.skips
+        ctx, skips = self.ctx, self.ctx.skips
         for shard in shards:
             url = shard["url"]
+            ctx.shards_without_sample += 1
+            if self.give_up_after and ctx.shards_without_sample > self.give_up_after:
+                raise RuntimeError(
+                    f"no usable sample in the last {self.give_up_after} shards read (last: {url}); "
+                    f"skipped so far: {dict(skips.total)}")
             skips.begin_shard(url)
             try:
                 stream = wds.gopen(url)
@@ -215,6 +222,7 @@ class _Decode:
             except Exception as err:  # PIL raises many types for bad bytes
                 skips.record("bad_image", f"{sample.get('__url__')}:{sample['__key__']}: {err}")
                 continue
+            self.ctx.shards_without_sample = 0
             yield {"key": sample["__key__"], "image": self.transform(img, rng),
                    "captions": captions, "meta": meta}
 
@@ -336,7 +344,7 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
     ctx = _Context(rank, world_size, cfg.seed)
     pipeline = wds.DataPipeline(
         _ResampledShards(ctx, urls),
-        _ReadSamples(ctx),
+        _ReadSamples(ctx, give_up_after=cfg.shuffle_buffer + 100 * len(urls)),
         _Shuffle(ctx, cfg.shuffle_buffer),
         _Decode(ctx, TrainTransform(cfg)),
         _Batch(ctx, cfg, tokenizer, train=True),
