@@ -48,7 +48,7 @@ def test_two_ranks_get_equal_train_batches_and_disjoint_complete_eval(tmp_path):
     # Uneven shards: rank 0 owns 11 samples, rank 1 owns 2 (shard split by node).
     train_spec = _write(tmp_path / "train", "train", [10, 2, 1])
     val_spec = _write(tmp_path / "val", "val", [7, 4, 2])  # 3 shards < 2 ranks × 2 workers
-    # fork: a spawned rank would also spawn its DataLoader workers (seconds of imports each)
+    # fork: spawned ranks would each re-import torch (seconds on 2 busy cores)
     mp.start_processes(_rank_main, args=(str(tmp_path), train_spec, val_spec), nprocs=2,
                        join=True, start_method="fork")
     r0, r1 = json.loads((tmp_path / "result.json").read_text())

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import math
+import multiprocessing
 import random
 from typing import Any, Iterator
 
@@ -327,9 +328,13 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 def _web_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
+    # Fork where the OS has it: a rank started with the "spawn" method would otherwise
+    # spawn its workers too, re-importing torch in each of them at every epoch.
+    context = "fork" if workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
     # batch_size=None: batches are made inside the dataset (in the workers).
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                         persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
+                         persistent_workers=False, prefetch_factor=2 if workers > 0 else None,
+                         multiprocessing_context=context)
 
 
 def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
