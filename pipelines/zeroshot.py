@@ -1,4 +1,4 @@
-"""Zero-shot image classification with an exported vlp model directory.
+r"""Zero-shot image classification with an exported vlp model directory.
 
     python pipelines/zeroshot.py --model runs/demo/model --images 'shards/demo/val-*.tar' \
         --label-field group --classes configs/demo_classes.txt
