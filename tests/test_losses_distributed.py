@@ -38,6 +38,7 @@ def losses_and_grads(img, txt, img_tok, txt_tok, mask):
 
 
 def _rank_main(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     itc, filip, grads = losses_and_grads(*(t[rows] for t in global_inputs()))
@@ -49,7 +50,9 @@ def _rank_main(rank: int, tmp: str) -> None:
 
 
 def test_two_ranks_equal_the_concatenated_batch(tmp_path):
-    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="fork")
+    # spawn, not fork: a child forked after the parent ran torch ops can hang on the
+    # inherited OpenMP state.
+    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
     ranks = json.loads((tmp_path / "result.json").read_text())
     itc, filip, grads = losses_and_grads(*global_inputs())
     # Each rank's loss is the mean over its rows; their mean is the global mean.

@@ -32,6 +32,7 @@ def global_batch():
 
 
 def _rank_main(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     model = make_model()
     local = {k: v[rank * 3:(rank + 1) * 3] for k, v in global_batch().items()}
@@ -49,7 +50,9 @@ def _rank_main(rank: int, tmp: str) -> None:
 
 
 def test_model_on_two_ranks(tmp_path):
-    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="fork")
+    # spawn, not fork: a child forked after the parent ran torch ops can hang on the
+    # inherited OpenMP state.
+    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
     ranks = json.loads((tmp_path / "result.json").read_text())
     assert all(r["grads_finite"] for r in ranks)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ranks)
