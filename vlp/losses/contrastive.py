@@ -38,7 +38,8 @@ class LearnableScale(nn.Module):
         self.max_scale = max_scale
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.float().exp().clamp(max=self.max_scale)
+        # reshape: the trainer may hand DeepSpeed this parameter as shape [1].
+        return self.log_scale.float().exp().clamp(max=self.max_scale).reshape(())
 
 
 class ContrastiveLoss(nn.Module):

@@ -23,7 +23,7 @@ class LossWeighting(nn.Module):
         for name, loss in losses.items():
             weight = self.weights[name]
             if self.mode == "uncertainty":
-                log_var = self.log_vars[name].float()
+                log_var = self.log_vars[name].float().reshape(())
                 total = total + weight * (torch.exp(-log_var) * loss + log_var)
                 metrics[f"weight_{name}"] = (weight * torch.exp(-log_var)).detach()
             else:
