@@ -338,3 +338,16 @@ def test_corrupt_tar_header_is_counted(tmp_path):
     shard.write_bytes(bytes(data))
     keys, skipped, _ = run_eval(cfg_for(val=spec))
     assert keys == ["s00000", "s00001", "s00002"] and skipped == {"bad_tar": 1}
+
+
+def test_broken_tar_counted_once_when_all_workers_read_it(tmp_path):
+    spec = write_shards(tmp_path, "val", [good(i) for i in range(12)], maxcount=6)
+    first = tmp_path / "val-000000.tar"
+    first.write_bytes(first.read_bytes()[:4000])  # 2 shards < 2 ranks × 2 workers: samples split
+    keys, skipped = [], Counter()
+    for rank in (0, 1):
+        k, s, _ = run_eval(cfg_for(val=spec, workers=2), rank=rank, world=2)
+        keys += k
+        skipped.update(s)
+    assert skipped == {"bad_tar": 1}
+    assert len(keys) == len(set(keys)) and {f"s{i:05d}" for i in range(6, 12)} <= set(keys)

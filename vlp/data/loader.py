@@ -82,13 +82,10 @@ class _EvalShards:
 
     def __call__(self) -> Iterator[dict]:
         party, parties = self.ctx.party()
-        if len(self.urls) >= parties:
-            urls = self.urls[party::parties]
-        else:
-            urls = self.urls
-            # Every worker reads every tar; only one of them reports a broken one.
-            self.ctx.skips.count_shard_errors = party == 0
-        for url in urls:
+        split_shards = len(self.urls) >= parties
+        # Otherwise every worker reads every tar, and only one of them reports a broken one.
+        self.ctx.skips.count_shard_errors = split_shards or party == 0
+        for url in self.urls[party::parties] if split_shards else self.urls:
             yield {"url": url}
 
 
