@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-k", type=int, default=100)
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes")
     p.add_argument("--candidates", type=int, default=32, help="index candidates a rerank reorders")
+    p.add_argument("--no-model", action="store_true",
+                   help="serve embedding queries only, without loading the index's model")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         searcher = Searcher(args.index, rerank_candidates=args.candidates)
+        if not args.no_model:
+            searcher.encoder  # load now: a missing model directory fails here, not per request
     except (FileNotFoundError, ValueError) as err:
         print(f"serve: error: {err}", file=sys.stderr)
         return 2

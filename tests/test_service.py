@@ -116,3 +116,17 @@ def test_concurrent_requests_get_their_own_answers(searcher):
         answers = dict(pool.map(ask, queries * 2))
     assert answers == expected
     assert app.state.batcher.batches < len(queries) * 2  # some texts shared a batch
+
+
+def test_text_query_without_a_model_is_503_not_500(tmp_path):
+    import shutil
+
+    index = tmp_path / "idx"
+    shutil.copytree(tiny_index(), index)
+    manifest = (index / "manifest.json")
+    manifest.write_text(manifest.read_text().replace(str(tiny_index().parent / "model"), str(tmp_path / "gone")))
+    client = TestClient(create_app(Searcher(index), max_k=5))
+    response = client.post("/search", json={"text": "a red circle", "k": 2})
+    assert response.status_code == 503 and "gone" in response.json()["detail"]
+    vec = np.ones(32, np.float32).tolist()
+    assert client.post("/search", json={"embedding": vec, "k": 2}).status_code == 200

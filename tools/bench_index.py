@@ -76,7 +76,7 @@ def http_latency(directory: Path, queries: np.ndarray, clients: int, per_client:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, str(ROOT / "pipelines/serve.py"), "--index", str(directory),
-                               "--port", str(port), "--host", "127.0.0.1"],
+                               "--port", str(port), "--host", "127.0.0.1", "--no-model"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -157,6 +157,8 @@ def create_app(searcher: Searcher, max_k: int = 100, max_body_bytes: int = 4 << 
             hits = await run_in_threadpool(_answer, searcher, batcher, req)
         except QueryError as err:
             raise HTTPException(400, str(err))
+        except FileNotFoundError as err:  # the index's model directory is gone (or --no-model)
+            raise HTTPException(503, f"this query needs the model, which is not available: {err}")
         return {"results": [h.as_dict() for h in hits]}
 
     @app.get("/items/{item_id}")
