@@ -34,6 +34,17 @@ def global_batch():
 def _rank_main(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    import vlp.model.vlp_model as vlp_model
+
+    draws = []
+    sample = vlp_model.sample_hard_negatives
+
+    def spy(logits, forbidden, *args, **kwargs):
+        index, valid = sample(logits, forbidden, *args, **kwargs)
+        draws.append((forbidden, index, valid))
+        return index, valid
+
+    vlp_model.sample_hard_negatives = spy
     model = make_model()
     local = {k: v[rank * 3:(rank + 1) * 3] for k, v in global_batch().items()}
     torch.manual_seed(rank)
@@ -42,6 +53,10 @@ def _rank_main(rank: int, tmp: str) -> None:
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     result = {k: float(out[k]) for k in ("itc", "filip", "itm", "lm", "loss")}
     result["grads_finite"] = grads_finite
+    result["candidates"] = [tuple(forbidden.shape) for forbidden, _, _ in draws]
+    result["picked_forbidden"] = any(bool(f[torch.arange(3), i][v].any()) for f, i, v in draws)
+    # Image id 2 sits on both ranks (global rows 2 and 3): each must mask the other's copy.
+    result["duplicate_masked"] = bool(draws[0][0][2 if rank == 0 else 0, 2] and draws[0][0][2 if rank == 0 else 0, 3])
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -55,6 +70,9 @@ def test_model_on_two_ranks(tmp_path):
     mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
     ranks = json.loads((tmp_path / "result.json").read_text())
     assert all(r["grads_finite"] for r in ranks)
+    for r in ranks:  # negatives come from the global batch, never a same-image pair
+        assert r["candidates"] == [[3, 6], [3, 6]]
+        assert not r["picked_forbidden"] and r["duplicate_masked"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ranks)
     with torch.no_grad():
         single = make_model()(global_batch())
