@@ -69,6 +69,8 @@ def save_model_dir(model: VLPModel, cfg: Config, tokenizer, path: str | Path) ->
     path = Path(path)
     if tokenizer is None:
         raise ValueError("save_model_dir needs the tokenizer (the directory must be self-contained)")
+    tokenizer = copy.deepcopy(tokenizer)  # the saved one carries [DEC]; the caller's is untouched
+    add_decoder_token(tokenizer, model.text.dec_token_id)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
