@@ -201,3 +201,22 @@ def test_uncertainty_weighting_follows_kendall():
     assert fixed.item() == pytest.approx(4.0)
     with pytest.raises(ValueError, match="weighting"):
         LossWeighting({"itc": 1.0}, "learned")
+
+
+def test_filip_backward_does_not_keep_the_full_token_similarity():
+    """Autograd may save the tokens and per-pair argmax indices, never B_i·B_t·P·Q values."""
+    img = unit(8, 16, 8, seed=23).requires_grad_(True)
+    txt = unit(8, 12, 8, seed=24).requires_grad_(True)
+    mask = random_mask(8, 12, seed=25)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        i2t, t2i = filip_similarity(img, txt, mask, chunk=2)
+    (i2t.sum() + t2i.sum()).backward()
+    full = 8 * 8 * 16 * 12
+    assert max(saved) < full / 4 and sum(saved) < full
+    assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0

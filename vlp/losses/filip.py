@@ -33,9 +33,11 @@ def filip_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text
         text = text_tokens[start:start + chunk].to(dtype)
         keep = real[start:start + chunk]
         sim = torch.einsum("ipd,tqd->itpq", image, text)  # [Bi, C, P, Q]
-        best_text = sim.masked_fill(~keep[None, :, None, :], float("-inf")).amax(-1)
+        # max(dim), not amax: its backward keeps only the argmax indices, so autograd does
+        # not hold on to every chunk's [Bi, C, P, Q] similarity until the backward pass.
+        best_text = sim.masked_fill(~keep[None, :, None, :], float("-inf")).max(-1).values
         i2t_parts.append(best_text.float().mean(-1))
-        best_image = sim.amax(2).float()  # [Bi, C, Q]
+        best_image = sim.max(2).values.float()  # [Bi, C, Q]
         t2i_parts.append((best_image * keep[None]).sum(-1) / n_real[start:start + chunk][None])
     return torch.cat(i2t_parts, 1), torch.cat(t2i_parts, 1)
 
