@@ -123,3 +123,41 @@ def test_caption_pipeline_writes_one_line_per_readable_image(model, tmp_path, ca
     assert all(isinstance(r["caption"], str) for r in rows)
     assert "skipping" in capsys.readouterr().err
     assert caption_cli.main(["--model", str(tmp_path / "nope"), "--images", str(folder)]) == 2
+
+
+def test_decoder_is_causal_and_starts_from_dec(model):
+    batch = tiny_batch(b=2, length=6)
+    ids, mask = batch["input_ids"].clone(), torch.ones(2, 6, dtype=torch.long)
+    states = model.encode_image_states(batch["image"])
+    changed = ids.clone()
+    changed[:, 4] = 7
+    with torch.no_grad():
+        a, b = model.decoder(ids, mask, states), model.decoder(changed, mask, states)
+        torch.testing.assert_close(a[:, :4], b[:, :4])  # the future does not leak backwards
+        assert not torch.allclose(a[:, 4:], b[:, 4:])
+        # Position 0 is always [DEC], whatever the tokenizer put there.
+        other_first = ids.clone()
+        other_first[:, 0] = 50
+        torch.testing.assert_close(model.decoder(other_first, mask, states), a)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_decoder_weight_sharing(share):
+    cfg = tiny_cfg()
+    cfg.model.decoder.share_weights = share
+    m = build_model(cfg)
+    dec, text = m.decoder, m.text
+    encoder_layers = list(text.layers) + list(text.fusion)
+    for mine, theirs in zip(dec.layers, encoder_layers):
+        assert mine.attention is not theirs.attention  # self-attention is always the decoder's own
+        torch.testing.assert_close(mine.attention.self.query.weight, theirs.attention.self.query.weight)
+        assert (mine.intermediate is theirs.intermediate) == share
+    assert (dec.layers[-1].crossattention is text.fusion[0].crossattention) == share
+    assert (dec.embeddings is text.embeddings) == share
+    # Cross-attention sits where the fusion layer is (the top K layers).
+    assert [layer.crossattention is not None for layer in dec.layers] == [False, False, True]
+    # The LM head is the word-embedding matrix itself.
+    hidden = torch.randn(1, 2, 32)
+    expected = torch.nn.functional.linear(dec.transform(hidden), dec.embeddings.word_embeddings.weight, dec.bias)
+    torch.testing.assert_close(dec.logits(hidden), expected)
+    assert not [n for n, _ in dec.named_parameters() if "decoder.weight" in n]
