@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     query.add_argument("--image", help="image file (image → image)")
     query.add_argument("--eval", action="store_true", help="R@1/5/10 over the index's own image-caption pairs")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--rerank", choices=("filip", "itm"))
+    p.add_argument("--rerank", choices=("filip", "itm"), help="with --eval: only this rerank (default both)")
     p.add_argument("--candidates", type=int, default=16, help="index candidates a rerank reorders")
     p.add_argument("--model", help="model directory (default: the one in the index manifest)")
     p.add_argument("--eval-limit", type=int, default=5000)
@@ -51,7 +51,8 @@ def run(args):
     if args.model:
         searcher._encoder = Encoder(args.model)
     if args.eval:
-        return evaluate(searcher, candidates=args.candidates, limit=args.eval_limit)
+        reranks = (args.rerank,) if args.rerank else ("filip", "itm")
+        return evaluate(searcher, candidates=args.candidates, limit=args.eval_limit, rerank=reranks)
     if args.text is not None:
         if not args.text.strip():
             raise ValueError("--text is empty")

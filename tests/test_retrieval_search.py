@@ -97,3 +97,26 @@ def test_search_cli_prints_a_json_list(capsys):
     assert results[0]["id"] == store.item_id(results[0]["key"])
     assert main(["--index", str(tiny_index()), "--image", "/no/such.jpg"]) == 2
     assert "image file not found: /no/such.jpg" in capsys.readouterr().err
+
+
+def test_rerank_the_model_cannot_do_is_a_query_error(tmp_path):
+    """A model without fusion layers has no ITM head: a clear QueryError, and eval skips it."""
+    from test_retrieval_support import TINY, tiny_shards
+    from vlp.config import load_config
+    from vlp.data.text import build_tokenizer
+    from vlp.model import build_model, save_model_dir
+    from vlp.retrieval.build import build_index_dir
+    from vlp.retrieval.embed import EmbedSettings, embed_shards
+    from vlp.retrieval.encoder import Encoder
+
+    cfg = load_config(None, [*TINY, "model.text.fusion_layers=0", "loss.itm=0"])
+    model_dir = save_model_dir(build_model(cfg).eval(), cfg, build_tokenizer(cfg.model.text), tmp_path / "m")
+    enc = Encoder(model_dir)
+    embed_shards(enc, list(tiny_shards())[1:2], tmp_path / "i", EmbedSettings(model=str(model_dir), filip_tokens=4))
+    build_index_dir(tmp_path / "i", str(model_dir))
+    searcher = Searcher(tmp_path / "i", encoder=enc)
+    with pytest.raises(QueryError, match="rerank 'itm' is not available: the model has no ITM head"):
+        searcher.search_text("a red circle", 3, rerank="itm")
+    assert len(searcher.search_text("a red circle", 3, rerank="filip")) == 3
+    report = evaluate(searcher, candidates=4, rerank=("itm",))
+    assert "skipped" in report["index+itm"] and report["index"]["t2i_r10"] == report["exact"]["t2i_r10"]

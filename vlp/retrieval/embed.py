@@ -58,6 +58,9 @@ def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings:
     """Embed this rank's shards into `index_dir/chunks`; returns counts (items, skips…)."""
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
+    if settings.filip_tokens != 0 and not encoder.model.has_filip:
+        log.warning("the model has no FILIP heads (loss.filip: 0): storing no image tokens")
+        settings.filip_tokens = 0
     settings.check_against(index_dir)
     removed = store.clean_partial(index_dir)
     if removed:

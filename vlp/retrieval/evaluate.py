@@ -7,8 +7,6 @@ Unretrieved pairs score -inf, so a pair the index misses counts as a miss at eve
 from __future__ import annotations
 
 import logging
-from typing import Optional
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -45,6 +43,11 @@ def evaluate(searcher: Searcher, candidates: int = 16, limit: int = 5000,
 
     texts = [c for row in range(len(items)) for c in items.captions(row)]
     for name in rerank:
+        if not searcher.can_rerank(name) or (name == "filip" and items.tokens is None):
+            report[f"index+{name}"] = {"skipped": f"the model or index cannot {name}-rerank"}
+            log.warning("eval: %s rerank skipped (no %s)", name,
+                        "ITM head" if name == "itm" else "FILIP heads or stored image tokens")
+            continue
         t2i_new, i2t_new = _rerank(searcher, name, texts, t2i_rows[:, :candidates],
                                    i2t_rows[:, :candidates], batch_size)
         report[f"index+{name}"] = _recall(len(image_emb), len(text_emb), owner,

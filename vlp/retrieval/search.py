@@ -104,6 +104,9 @@ class Searcher:
             return self.hits(scores[0], ids[0])
         if rerank not in RERANKERS:
             raise QueryError(f"unknown rerank '{rerank}'; choose one of {', '.join(RERANKERS)}")
+        if not self.can_rerank(rerank):
+            raise QueryError(f"rerank '{rerank}' is not available: the model has no "
+                             f"{'ITM head (fusion_layers: 0)' if rerank == 'itm' else 'FILIP heads'}")
         scores, ids = self.search_vectors(vec, max(k, self.rerank_candidates))
         keep = ids[0] >= 0
         index_scores, ids = scores[0][keep], ids[0][keep]
@@ -116,6 +119,10 @@ class Searcher:
         return self.hits(new[order], ids[order], index_scores[order])
 
     # ----------------------------------------------------------------- rerank scores
+    def can_rerank(self, rerank: str) -> bool:
+        """Whether the model has the heads; FILIP also needs stored tokens (checked on use)."""
+        model = self.encoder.model
+        return model.has_itm if rerank == "itm" else model.has_filip
     def filip_scores(self, rows: np.ndarray, text: Optional[str] = None,
                      image: Optional[torch.Tensor] = None) -> np.ndarray:
         if self.items.tokens is None:
