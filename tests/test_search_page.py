@@ -1,52 +1,45 @@
-"""The search page in headless Chromium: a query typed into the box shows top-k images."""
+"""The search page in headless Chromium, driven by Selenium: a query typed into the box and
+submitted shows the same top-k images, keys and captions as the HTTP API returns."""
 from __future__ import annotations
 
-import re
+import contextlib
 import shutil
 import socket
-import subprocess
+import tempfile
 import threading
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from test_retrieval_support import encoder, tiny_index
 from vlp.retrieval.search import Searcher
 from vlp.retrieval.service import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(),
-                                reason="/usr/bin/chromium is absent (apt-get install -y chromium)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"),
+    pytest.mark.skipif(not CHROMEDRIVER.is_file(),
+                       reason=f"{CHROMEDRIVER} is absent (apt-get install -y chromium-driver)"),
+]
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--virtual-time-budget=15000"]
-
-
-class Hits(HTMLParser):
-    """Collects the result cards (<figure class="hit" data-id data-loaded>) of a dumped DOM."""
-
-    def __init__(self):
-        super().__init__()
-        self.cards: list[dict] = []
-        self.status = ""
-        self._in_status = False
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "figure" and attrs.get("class") == "hit":
-            self.cards.append(attrs)
-        self._in_status = attrs.get("id") == "status"
-
-    def handle_data(self, data):
-        if self._in_status:
-            self.status += data
+         "--window-size=1000,700"]
+WAIT_S = 30
 
 
 @pytest.fixture(scope="module")
 def server():
+    """The app under uvicorn on a free 127.0.0.1 port, in a thread of this process."""
     searcher = Searcher(tiny_index(), encoder=encoder())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,37 +52,96 @@ def server():
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", searcher
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(10)
 
 
-def chromium(args: list[str], profile: Path) -> str:
-    result = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", *args],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Debian's chromedriver (explicit paths: no driver download)."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = Path(tempfile.mkdtemp(prefix="vlp-chromium-profile-"))
+    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_typed_query_shows_top_k_images(server, tmp_path):
-    base, searcher = server
-    # ?q= fills the query box and submits the form: the same path as typing + Enter.
-    dom = chromium(["--dump-dom", f"{base}/?q=a+yellow+triangle"], tmp_path / "profile")
-    page = Hits()
-    page.feed(dom)
-    expected = [h.id for h in searcher.search_text("a yellow triangle", 16)]
-    assert [int(c["data-id"]) for c in page.cards] == expected
-    assert all(c.get("data-loaded") == "1" for c in page.cards), "some result images did not load"
-    assert re.search(r"16 results for .a yellow triangle.", page.status)
-    # A screenshot for humans (kept in the test's tmp dir).
-    chromium([f"--screenshot={tmp_path / 'page.png'}", "--window-size=1000,700",
-              f"{base}/?q=a+yellow+triangle"], tmp_path / "profile2")
+@contextlib.contextmanager
+def screenshot_on_failure(driver, path: Path):
+    """On any failure keep what the browser showed, and name the file in the error."""
+    try:
+        yield
+    except BaseException as err:
+        driver.save_screenshot(str(path))
+        raise AssertionError(f"{err} (screenshot: {path})") from err
+
+
+def api_results(base: str, text: str, k: int) -> list[dict]:
+    response = httpx.post(f"{base}/search", json={"text": text, "k": k}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def submitted(driver, text: str, k: int, submit) -> list[dict]:
+    """Type `text`, pick k, submit with `submit`; wait for k loaded tiles and read them."""
+    Select(driver.find_element(By.ID, "k")).select_by_visible_text(str(k))
+    box = driver.find_element(By.ID, "query")
+    box.clear()
+    box.send_keys(text)
+    submit(box)
+    status = f"{k} results for “{text}”"
+
+    def done(d):
+        tiles = d.find_elements(By.CSS_SELECTOR, "#results figure.hit")
+        return (d.find_element(By.ID, "status").text == status and len(tiles) == k
+                and all(t.get_attribute("data-loaded") == "1" for t in tiles))
+
+    try:
+        WebDriverWait(driver, WAIT_S).until(done)
+    except TimeoutException:
+        raise AssertionError(f"no {k} loaded result tiles after {WAIT_S}s; status line: "
+                             f"{driver.find_element(By.ID, 'status').text!r}") from None
+    return [{"id": int(t.get_attribute("data-id")), "key": t.get_attribute("data-key"),
+             "caption": t.find_element(By.TAG_NAME, "figcaption").text}
+            for t in driver.find_elements(By.CSS_SELECTOR, "#results figure.hit")]
+
+
+def test_typed_query_shows_the_same_top_results_as_the_api(server, browser, tmp_path):
+    browser.get(server + "/")
+    with screenshot_on_failure(browser, tmp_path / "failure.png"):
+        tiles = submitted(browser, "a yellow triangle", 16, lambda box: box.send_keys(Keys.ENTER))
+        expected = api_results(server, "a yellow triangle", 16)
+        assert tiles == [{"id": h["id"], "key": h["key"], "caption": h["caption"]} for h in expected]
+        assert len({t["key"] for t in tiles}) == 16
+        # Every tile shows a decoded image (naturalWidth > 0), not a broken-image icon.
+        widths = browser.execute_script(
+            "return [...document.querySelectorAll('#results img')].map(i => i.naturalWidth)")
+        assert len(widths) == 16 and min(widths) > 0
+        browser.save_screenshot(str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").stat().st_size > 5_000
 
 
-def test_empty_query_shows_a_message(server, tmp_path):
-    base, _ = server
-    dom = chromium(["--dump-dom", f"{base}/"], tmp_path / "profile")
-    page = Hits()
-    page.feed(dom)
-    assert page.cards == [] and "<form" in dom
+def test_a_second_query_from_the_button_replaces_the_results(server, browser, tmp_path):
+    browser.get(server + "/")
+    with screenshot_on_failure(browser, tmp_path / "failure.png"):
+        submitted(browser, "a red circle", 16, lambda box: box.send_keys(Keys.ENTER))
+        button = browser.find_element(By.CSS_SELECTOR, "#form button[type=submit]")
+        tiles = submitted(browser, "a blue square", 8, lambda box: button.click())
+        expected = api_results(server, "a blue square", 8)
+        assert [(t["key"], t["caption"]) for t in tiles] == [(h["key"], h["caption"]) for h in expected]
+
+
+def test_an_empty_query_shows_a_message_and_no_tiles(server, browser, tmp_path):
+    browser.get(server + "/")
+    with screenshot_on_failure(browser, tmp_path / "failure.png"):
+        box = browser.find_element(By.ID, "query")
+        box.send_keys("   ", Keys.ENTER)
+        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "status").text == "type a query first"
+        assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+        assert browser.find_elements(By.CSS_SELECTOR, "#results figure.hit") == []
