@@ -44,7 +44,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-captions", action="store_true", help="embed images only (no --eval; tunes on image queries)")
     p.add_argument("--factory", help="FAISS factory string; overrides the automatic choice")
     p.add_argument("--memory-budget", type=parse_size, help="index RAM budget, e.g. 2G (picks PQ when exceeded)")
-    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 the index must reach on held-out queries that tuning did not see")
+    p.add_argument("--tuning-margin", type=float, default=0.01,
+                   help="tune nprobe/efSearch to target + margin, so fresh queries still reach the target")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -76,7 +79,8 @@ def run(args) -> int:
     if args.stage in ("all", "index"):
         model = args.model or _model_of(Path(args.out))
         manifest = build_index_dir(Path(args.out), str(Path(model).resolve()), args.factory,
-                                   args.memory_budget, args.merge, args.target_recall)
+                                   args.memory_budget, args.merge, args.target_recall,
+                                   tuning_margin=args.tuning_margin)
         print(json.dumps({"index": {"count": manifest.count, "factory": manifest.factory,
                                     "search_params": manifest.search_params,
                                     "recall_at_10": manifest.recall_at_10}}))

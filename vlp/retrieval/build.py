@@ -11,12 +11,14 @@ from vlp.retrieval import index as faiss_index
 from vlp.retrieval import store
 
 log = logging.getLogger(__name__)
-TUNING_QUERIES = 1000
+# Held-out queries: half tune the index, the other half measure the recall it claims.
+TUNING_QUERIES = 2000
 
 
 def build_index_dir(index_dir: Path, model: str, factory: Optional[str] = None,
                     memory_budget_bytes: Optional[int] = None, merge_from: Iterable[Path] = (),
-                    target_recall: float = faiss_index.TARGET_RECALL, seed: int = 0) -> faiss_index.Manifest:
+                    target_recall: float = faiss_index.TARGET_RECALL, seed: int = 0,
+                    tuning_margin: float = faiss_index.TUNING_MARGIN) -> faiss_index.Manifest:
     """Merge chunks, choose/train/tune the index, write it and then its manifest.
 
     Tuning queries are caption embeddings (the real text→image query distribution, and not
@@ -34,7 +36,7 @@ def build_index_dir(index_dir: Path, model: str, factory: Optional[str] = None,
         queries = faiss_index.held_out_queries(vectors, TUNING_QUERIES, seed + 1)
     index, manifest = faiss_index.build_tuned_index(
         vectors, items.ids, queries, model=model, factory=factory,
-        memory_budget_bytes=memory_budget_bytes, target=target_recall, seed=seed)
+        memory_budget_bytes=memory_budget_bytes, target=target_recall, margin=tuning_margin, seed=seed)
     manifest.extra.update({"embedding_dtype": str(items.image_emb.dtype), "texts": int(len(texts)),
                            "image_tokens": list(items.tokens.shape[1:]) if items.tokens is not None else None})
     faiss_index.save_index(index, index_dir)
