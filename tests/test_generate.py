@@ -91,6 +91,8 @@ def test_generate_returns_strings_and_rejects_bad_arguments(model, images, tmp_p
         model.generate_ids(images, method="greedy", max_new_tokens=0)
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(images)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate_ids(images, method="nucleus", temperature=0.0)
 
 
 def test_caption_pipeline_writes_one_line_per_readable_image(model, tmp_path, capsys):

@@ -35,6 +35,9 @@ def generate_ids(decoder: CaptionDecoder, image_states: torch.Tensor, sep_id: in
     """Token ids `[B, T]`, T ≤ max_new_tokens, ending in [SEP] then pad (no bos)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1 or not 0.0 < top_p <= 1.0 or temperature <= 0.0:
+        raise ValueError(f"need num_beams >= 1, 0 < top_p <= 1, temperature > 0; got "
+                         f"{num_beams}, {top_p}, {temperature}")
     if method == "beam":
         return _beam(decoder, image_states, sep_id, pad_id, max_new_tokens, num_beams)
     if method not in ("greedy", "nucleus"):
