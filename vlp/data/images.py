@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vlp.config import DataConfig
 
@@ -25,7 +25,10 @@ _RESAMPLE = Image.Resampling.BICUBIC
 def decode_image(data: bytes, min_side: int) -> Image.Image:
     """Decode to RGB. JPEGs are decoded at a reduced DCT scale when the result stays at
     least `min_side` px on its short side: 2-8x faster, invisible after the downscale."""
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"not a recognizable image ({len(data)} bytes)") from None
     if img.format == "JPEG":
         w, h = img.size
         scale = max(min_side / min(w, h), 1e-6)
