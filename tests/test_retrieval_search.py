@@ -9,7 +9,8 @@ import torch
 
 from test_retrieval_support import encoder, shape_image, tiny_index
 from vlp.retrieval import store
-from vlp.retrieval.evaluate import evaluate
+from vlp.data.text import tokenize
+from vlp.retrieval.evaluate import _rerank, evaluate
 from vlp.retrieval.search import QueryError, Searcher
 
 
@@ -53,10 +54,38 @@ def test_rerank_reorders_the_index_candidates_by_rerank_score_only(searcher, rer
         fresh = encoder().filip_text_to_image(tokens, "a blue triangle").numpy()
     else:
         images = torch.stack([encoder().decode(searcher.image_bytes(int(r))) for r in rows])
-        fresh = encoder().itm(["a blue triangle"] * len(rows), encoder().image_states(images)).numpy()
+        fresh = model_itm(["a blue triangle"] * len(rows), encoder().image_states(images)).numpy()
     expected = np.argsort(-fresh, kind="stable")[:k]
     assert [h.id for h in reranked] == [plain[i].id for i in expected]
     np.testing.assert_allclose(scores, fresh[expected], rtol=1e-4, atol=1e-5)
+
+
+def model_itm(texts: list[str], image_states: torch.Tensor) -> torch.Tensor:
+    """The model's own ITM path: every pair padded to max_len, text layers run per pair."""
+    tok = tokenize(encoder().tokenizer, texts, encoder().max_len)
+    with torch.inference_mode():
+        return encoder().model.itm_scores(tok["input_ids"], tok["attention_mask"], image_states=image_states)
+
+
+def test_itm_from_shared_text_states_equals_the_models_itm(searcher):
+    texts = ["a red circle", "a very long caption about a small green square on a gray field",
+             "a red circle", "cyan", "a red circle"]
+    images = torch.stack([encoder().decode(searcher.image_bytes(r)) for r in range(len(texts))])
+    states = encoder().image_states(images)
+    expected = model_itm(texts, states)
+    torch.testing.assert_close(encoder().itm(texts, states), expected, rtol=1e-4, atol=1e-5)
+    # Eval scores every (query, candidate) cell from text states computed once per text.
+    t2i_rows = np.array([[0, 3, -1], [2, 1, 4]])
+    i2t_rows = np.array([[1, 0, 2], [-1, 3, 1]])
+    t2i, i2t = _rerank(searcher, "itm", texts, t2i_rows, i2t_rows, batch_size=4)
+    all_states = encoder().image_states(torch.stack(
+        [encoder().decode(searcher.image_bytes(r)) for r in range(len(searcher.items))]))
+    for (q, c), value in np.ndenumerate(t2i):
+        want = -np.inf if t2i_rows[q, c] < 0 else float(model_itm([texts[q]], all_states[t2i_rows[q, c]][None]))
+        assert value == pytest.approx(want, rel=1e-4, abs=1e-5)
+    for (q, c), value in np.ndenumerate(i2t):
+        want = -np.inf if i2t_rows[q, c] < 0 else float(model_itm([texts[i2t_rows[q, c]]], all_states[q][None]))
+        assert value == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_query_errors_are_clear(searcher):

@@ -118,11 +118,35 @@ class Encoder:
 
     @torch.inference_mode()
     def itm(self, texts: list[str], image_states: torch.Tensor) -> torch.Tensor:
-        """Match probability of each (texts[i], image_states[i]) pair → [K]."""
+        """Match probability of each (texts[i], image_states[i]) pair → [K].
+
+        A text repeated across pairs (one query against K candidates) runs the text-only
+        layers once; only the fusion layers see every pair."""
+        position = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        states, mask = self.text_states(list(position))
+        at = torch.tensor([position[text] for text in texts])
+        return self.itm_from_states(states[at], mask[at], image_states)
+
+    @torch.inference_mode()
+    def text_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tower's text-only hidden states (before the fusion layers) and mask,
+        cut to the longest text: padding past it changes no real token's output."""
         tok = self.tokens(texts)
+        length = int(tok["attention_mask"].sum(1).max())
+        ids, mask = tok["input_ids"][:, :length], tok["attention_mask"][:, :length]
         with self.lock:
-            return self.model.itm_scores(tok["input_ids"], tok["attention_mask"],
-                                         image_states=image_states).float()
+            return self.model.text.encode(ids, mask), mask
+
+    @torch.inference_mode()
+    def itm_from_states(self, text_states: torch.Tensor, mask: torch.Tensor,
+                        image_states: torch.Tensor) -> torch.Tensor:
+        """`VLPModel.itm_scores` continued from `text_states`: fusion layers + ITM head."""
+        if self.model.itm_head is None:
+            raise ValueError("this model has no ITM head (model.text.fusion_layers: 0)")
+        length = int(mask.sum(1).max())
+        with self.lock:
+            fused = self.model.text.fuse(text_states[:, :length], mask[:, :length], image_states)
+            return self.model.itm_head(fused[:, 0]).float().softmax(-1)[:, 1]
 
 
 def select_tokens(tokens: torch.Tensor, keep: int) -> torch.Tensor:

@@ -113,16 +113,27 @@ def _rerank(searcher: Searcher, name: str, texts: list[str], t2i_rows: np.ndarra
             rows = range(start, min(start + batch_size, len(searcher.items)))
             states.append(enc.image_states(torch.stack([enc.decode(searcher.image_bytes(r)) for r in rows])))
         image_side = torch.cat(states)
+        # Each text meets ~`candidates` images in each direction: its text-only layers run
+        # once here, and only the fusion layers run per pair.
+        text_side, text_mask = _text_states(enc, texts, batch_size)
 
         def t2i(texts_q, rows):
-            return enc.itm([texts[j] for j in texts_q.tolist()], image_side[rows])
+            return enc.itm_from_states(text_side[texts_q], text_mask[texts_q], image_side[rows])
 
         def i2t(images_q, rows):
-            return enc.itm([texts[r] for r in rows.tolist()], image_side[images_q])
+            return enc.itm_from_states(text_side[rows], text_mask[rows], image_side[images_q])
     else:
         raise ValueError(f"unknown rerank '{name}' (filip, itm)")
     return (_score_cells(t2i_rows, t2i, batch_size, f"{name} t2i"),
             _score_cells(i2t_rows, i2t, batch_size, f"{name} i2t"))
+
+
+def _text_states(enc, texts: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-only states of every text, batches zero-padded to a common length (mask 0)."""
+    parts = [enc.text_states(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    length = max(states.shape[1] for states, _ in parts)
+    return (torch.cat([torch.nn.functional.pad(states, (0, 0, 0, length - states.shape[1])) for states, _ in parts]),
+            torch.cat([torch.nn.functional.pad(mask, (0, length - mask.shape[1])) for _, mask in parts]))
 
 
 def _per_query(queries: torch.Tensor, rows: torch.Tensor, score) -> torch.Tensor:
