@@ -5,6 +5,7 @@ checkpoints/, eval.json, model/ (exported at the end)."""
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import time
 from pathlib import Path
@@ -35,6 +36,31 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+
+    def wait(self, seconds: float) -> bool:
+        """Whether a stop request arrives within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.requested
+
+    def tolerate_worker_deaths(self) -> None:
+        """Launchers SIGTERM the whole process tree, data workers first; torch's SIGCHLD
+        handler would then raise inside whatever this process is doing (a checkpoint save,
+        say). Drop that error: the next batch fetch raises too, and there a shutdown can be
+        told apart from a crash. Call once data workers exist (torch installs its handler)."""
+        handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(handler) or getattr(handler, "tolerant", False):
+            return
+
+        def on_child_exit(signum, frame):
+            try:
+                handler(signum, frame)
+            except RuntimeError:
+                pass
+
+        on_child_exit.tolerant = True
+        signal.signal(signal.SIGCHLD, on_child_exit)
 
     def agreed(self, world: World) -> bool:
         """True on every rank once any rank was asked to stop (so all save the same step)."""
@@ -71,6 +97,13 @@ def to_device(batch: dict[str, Any], device: str, dtype: torch.dtype) -> dict[st
             value = value.to(device, dtype=dtype if value.is_floating_point() else None)
         out[key] = value
     return out
+
+
+def peak_memory_mb(world: World) -> float:
+    """Peak accelerator memory allocated on GPU; peak resident set of this process on CPU."""
+    if world.on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class Trainer:
@@ -157,12 +190,15 @@ class Trainer:
             fetch = time.perf_counter()
             try:
                 batch = next(stream)
+                stop.tolerate_worker_deaths()
             except Exception:
-                if not stop.requested:  # a data error outside shutdown is a real error
+                # Workers killed by a launcher's shutdown die just before this process is
+                # signalled; any other data error is a real one.
+                if not stop.wait(5.0):
                     raise
-                batch = None  # loader workers were killed by the same signal
+                batch = None
             data_time += time.perf_counter() - fetch
-            if micro == 0 and stop.agreed(self.world):
+            if stop.agreed(self.world):  # every micro-batch: a killed loader can fail at any
                 return False
             for reason, count in batch["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + count
@@ -205,6 +241,7 @@ class Trainer:
             **means, "lr": self.engine.get_lr()[0], "samples_per_s": rate,
             "samples_per_s_per_rank": rate / self.world.world_size,
             "data_wait": meter.data_time / max(meter.step_time, 1e-9), "epoch": self.state["epoch"],
+            "peak_mem_mb": peak_memory_mb(self.world),
             "skipped": dict(self.state["skipped"]), "skipped_window": window})
         if window:
             self.log.print(f"step {self.state['step']}: skipped {window} (total {self.state['skipped']})")
@@ -212,7 +249,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
 
-    def run_eval(self) -> dict[str, Any] | None:
+    def run_eval(self, show: bool = True) -> dict[str, Any] | None:
         from vlp.data import eval_loader
 
         if not self.cfg.data.val:
@@ -226,8 +263,9 @@ class Trainer:
                            zero3=self.ds_config["zero_optimization"]["stage"] == 3)
         results["seconds"] = time.perf_counter() - started
         self.log.record(self.state["step"], "eval", results)
-        self.log.print(f"eval at step {self.state['step']} ({results['seconds']:.0f} s):\n"
-                       + format_table(results))
+        if show:
+            self.log.print(f"eval at step {self.state['step']} ({results['seconds']:.0f} s):\n"
+                           + format_table(results))
         self.last_eval = results
         return results
 
@@ -262,7 +300,7 @@ class Trainer:
             if self.world.is_main:
                 print(f"stopped by signal at step {self.state['step']}; resume with --resume", flush=True)
             return None
-        results = self.run_eval()
+        results = self.run_eval(show=False)  # finish() prints the final table
         self.finish(results, time.perf_counter() - started)
         return results
 
