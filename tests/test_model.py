@@ -155,6 +155,24 @@ def test_scoring_api_shapes_and_normalization():
         assert model.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
 
 
+def test_precomputed_text_states_and_embeds_give_the_same_scores():
+    model = build_model(tiny_cfg()).eval()
+    batch = tiny_batch(b=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        states = model.encode_text_states(ids, mask)
+        torch.testing.assert_close(model.encode_text(None, mask, text_states=states),
+                                   model.encode_text(ids, mask))
+        torch.testing.assert_close(model.encode_text_tokens(None, mask, text_states=states),
+                                   model.encode_text_tokens(ids, mask))
+        torch.testing.assert_close(
+            model.itm_scores(None, mask, images=batch["image"], text_states=states),
+            model.itm_scores(ids, mask, images=batch["image"]))
+        embeds = model.text.embeddings.word_embeddings(ids)
+        torch.testing.assert_close(model.encode_text(None, mask, inputs_embeds=embeds),
+                                   model.encode_text(ids, mask))
+
+
 def test_trailing_padding_does_not_change_the_text_path():
     model = build_model(tiny_cfg()).eval()
     batch = tiny_batch(b=3, length=6)

@@ -127,8 +127,10 @@ class TextTower(nn.Module):
     def dec_token_id(self) -> int:
         return self.base_vocab_size
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.embeddings(input_ids=input_ids)
+    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        # inputs_embeds: word embeddings given directly (learned prompt context, CoOp).
+        hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
         return run_layers(self.layers, hidden, padding_mask(attention_mask), None, self.grad_checkpointing)
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,

@@ -104,20 +104,31 @@ class VLPModel(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.vision(images)[:, 0]).float(), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.text.encode(input_ids, attention_mask)
-        return F.normalize(self.text_proj(states[:, 0]).float(), dim=-1)
+    def encode_text_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                           inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-only hidden states `[B, L, text_width]` (below the fusion layers). Callers that
+        need several text scores (ITC, FILIP, ITM) compute these once and pass them on."""
+        return self.text.encode(input_ids, attention_mask, inputs_embeds)
+
+    def encode_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                    text_states: torch.Tensor | None = None,
+                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if text_states is None:
+            text_states = self.encode_text_states(input_ids, attention_mask, inputs_embeds)
+        return F.normalize(self.text_proj(text_states[:, 0]).float(), dim=-1)
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """FILIP patch tokens `[B, N, filip_dim]` (CLS excluded), normalized per token."""
         self._filip()
         return F.normalize(self.image_token_proj(self.vision(images)[:, 1:]).float(), dim=-1)
 
-    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode_text_tokens(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                           text_states: torch.Tensor | None = None) -> torch.Tensor:
         """FILIP text tokens `[B, L, filip_dim]`; the real ones are where attention_mask is 1."""
         self._filip()
-        states = self.text.encode(input_ids, attention_mask)
-        return F.normalize(self.text_token_proj(states).float(), dim=-1)
+        if text_states is None:
+            text_states = self.encode_text_states(input_ids, attention_mask)
+        return F.normalize(self.text_token_proj(text_states).float(), dim=-1)
 
     def filip_scores(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
                      text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,17 +136,21 @@ class VLPModel(nn.Module):
         filip = self._filip()
         return filip_similarity(image_tokens, text_tokens, text_mask, filip.chunk, filip.dtype)
 
-    def itm_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def itm_scores(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                    images: torch.Tensor | None = None,
-                   image_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Match probability `[B]` of aligned (text i, image i) pairs."""
+                   image_states: torch.Tensor | None = None,
+                   text_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Match probability `[B]` of aligned (text i, image i) pairs. Precomputed
+        `image_states` / `text_states` skip the towers (rerank many pairs, encode once)."""
         if self.itm_head is None:
             raise ValueError("this model has no ITM head (model.text.fusion_layers: 0)")
         if image_states is None:
             if images is None:
                 raise ValueError("itm_scores needs images or image_states")
             image_states = self.vision(images)
-        fused = self.text.fuse(self.text.encode(input_ids, attention_mask), attention_mask, image_states)
+        if text_states is None:
+            text_states = self.encode_text_states(input_ids, attention_mask)
+        fused = self.text.fuse(text_states, attention_mask, image_states)
         return self.itm_head(fused[:, 0]).float().softmax(-1)[:, 1]
 
     def generate_ids(self, images: torch.Tensor, method: str = "beam",

@@ -135,18 +135,16 @@ class Encoder:
         length = int(tok["attention_mask"].sum(1).max())
         ids, mask = tok["input_ids"][:, :length], tok["attention_mask"][:, :length]
         with self.lock:
-            return self.model.text.encode(ids, mask), mask
+            return self.model.encode_text_states(ids, mask), mask
 
     @torch.inference_mode()
     def itm_from_states(self, text_states: torch.Tensor, mask: torch.Tensor,
                         image_states: torch.Tensor) -> torch.Tensor:
         """`VLPModel.itm_scores` continued from `text_states`: fusion layers + ITM head."""
-        if self.model.itm_head is None:
-            raise ValueError("this model has no ITM head (model.text.fusion_layers: 0)")
         length = int(mask.sum(1).max())
         with self.lock:
-            fused = self.model.text.fuse(text_states[:, :length], mask[:, :length], image_states)
-            return self.model.itm_head(fused[:, 0]).float().softmax(-1)[:, 1]
+            return self.model.itm_scores(None, mask[:, :length], image_states=image_states,
+                                         text_states=text_states[:, :length])
 
 
 def select_tokens(tokens: torch.Tensor, keep: int) -> torch.Tensor:
