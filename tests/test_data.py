@@ -167,6 +167,8 @@ def test_epoch_length_needs_sizes_or_count(tmp_path):
 
 def test_train_batches_format_and_multi_caption_choice(tmp_path, tokenizer):
     samples = [good(i, json={"captions": [f"alt {i}"]}) for i in range(12)]
+    for s in samples:
+        s["jpg"] = jpeg((220, 20, 20))
     spec = write_shards(tmp_path, "train", samples, maxcount=6)
     cfg = cfg_for(spec, max_len=10, image_size=16)
     loader = train_loader(cfg, tokenizer)
@@ -177,6 +179,10 @@ def test_train_batches_format_and_multi_caption_choice(tmp_path, tokenizer):
     assert b["input_ids"].shape == b["attention_mask"].shape == (4, 10)
     assert b["image_id"].tolist() == [image_id(k) for k in b["key"]]
     assert b["skipped"] == {}
+    # Normalized with the config's constants: a solid red JPEG stays (about) solid red.
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    pixels = b["image"][0] * std + mean
+    assert pixels[0].mean() > 0.6 and pixels[1:].mean() < 0.5 and pixels.min() > -0.05
     texts = [t for batch in list(loader) + batches for t in batch["text"]]
     assert any(t.startswith("alt") for t in texts) and any(t.startswith("caption") for t in texts)
 
