@@ -110,6 +110,11 @@ class VLPModel(nn.Module):
         need several text scores (ITC, FILIP, ITM) compute these once and pass them on."""
         return self.text.encode(input_ids, attention_mask, inputs_embeds)
 
+    def embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text tower's word embeddings `[B, L, text_width]`, the input space of
+        `inputs_embeds` (CoOp learns context vectors there)."""
+        return self.text.embeddings.word_embeddings(input_ids)
+
     def encode_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                     text_states: torch.Tensor | None = None,
                     inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,9 +2,7 @@
 words of a hand-written template, on N labelled shots per class, both towers frozen.
 
 The prompt for class c is `[CLS] v_1 .. v_M <tokens of c> [SEP]`, fed to the text tower as
-word embeddings. The model's `encode_text` takes token ids only, so `encode_prompts` runs
-the same text-only path (`model.text.embeddings` with inputs_embeds -> text layers ->
-text_proj on [CLS]) itself; this is the one place zero-shot reaches into the text tower.
+word embeddings through `model.encode_text(..., inputs_embeds=...)`.
 """
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlp.model.text import padding_mask, run_layers
 from vlp.zeroshot import report
 from vlp.zeroshot.classes import ClassList
 from vlp.zeroshot.classifier import TextEncoder, ZeroShotClassifier
@@ -43,7 +40,7 @@ def class_token_embeddings(model, encoder: TextEncoder, names: list[str], n_ctx:
                             f"tokens, more than the model's max_len {encoder.max_len}")
     ids, mask = ids[:, :length - n_ctx], mask[:, :length - n_ctx]
     with torch.no_grad():
-        words = model.text.embeddings.word_embeddings(ids)
+        words = model.embed_words(ids)
     slots = words.new_zeros(len(names), n_ctx, words.shape[-1])
     embeds = torch.cat([words[:, :1], slots, words[:, 1:]], 1)
     mask = torch.cat([mask[:, :1], torch.ones(len(names), n_ctx, dtype=mask.dtype), mask[:, 1:]], 1)
@@ -56,9 +53,7 @@ def encode_prompts(model, ctx: torch.Tensor, class_embeds: torch.Tensor,
     n_ctx = ctx.shape[0]
     embeds = torch.cat([class_embeds[:, :1], ctx.unsqueeze(0).expand(len(class_embeds), -1, -1),
                         class_embeds[:, 1 + n_ctx:]], 1)
-    hidden = model.text.embeddings(inputs_embeds=embeds)
-    states = run_layers(model.text.layers, hidden, padding_mask(mask), None, False)
-    return F.normalize(model.text_proj(states[:, 0]).float(), dim=-1)
+    return model.encode_text(None, mask, inputs_embeds=embeds)
 
 
 def init_context(model, encoder: TextEncoder, n_ctx: int, seed: int) -> torch.Tensor:
@@ -67,7 +62,7 @@ def init_context(model, encoder: TextEncoder, n_ctx: int, seed: int) -> torch.Te
         ids, mask = encoder.tokenize(["a photo of a"])
         words = ids[0, 1:1 + n_ctx]
         with torch.no_grad():
-            return model.text.embeddings.word_embeddings(words).clone()
+            return model.embed_words(words).clone()
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n_ctx, model.text.width, generator=generator) * 0.02
 
