@@ -120,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results[-1]), flush=True)
         if args.openclip_python:
             for precision in ("bf16", "fp32"):
-                results.append(run_openclip(args.openclip_python, precision, args.warmup, args.steps,
-                                            args.batch, Path(tmp)))
+                try:
+                    results.append(run_openclip(args.openclip_python, precision, args.warmup, args.steps,
+                                                args.batch, Path(tmp)))
+                except RuntimeError as err:  # report ours even when open_clip cannot run
+                    print(f"open_clip {precision}: {err}", file=sys.stderr)
+                    continue
                 print(json.dumps(results[-1]), flush=True)
     base = next(r for r in results if r["setting"] == "itc")["samples_per_s"]
     print(f"\n| setting | ranks | samples/s | × ITC-only bf16 | peak RSS (MB) | data wait |")
