@@ -133,3 +133,17 @@ def test_plot_run_draws_losses_and_evals(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut")
     out = plot(tmp_path, tmp_path / "p.png")
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_text_tower_gets_its_own_learning_rate():
+    class WithText(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = nn.Linear(4, 4)
+            self.text = nn.Linear(4, 4)
+
+    groups = param_groups(WithText(), weight_decay=0.1, lr=1e-3, text_lr_scale=0.1)
+    lr_of = {name: g["lr"] for g in groups for name in g["names"]}
+    assert lr_of["vision.weight"] == pytest.approx(1e-3) and lr_of["vision.bias"] == pytest.approx(1e-3)
+    assert lr_of["text.weight"] == pytest.approx(1e-4) and lr_of["text.bias"] == pytest.approx(1e-4)
+    assert {g["weight_decay"] for g in groups if "text.bias" in g["names"]} == {0.0}

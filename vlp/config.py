@@ -120,6 +120,9 @@ class TrainConfig:
     steps: int = 600
     warmup_steps: int = 50
     lr: float = 3e-4
+    # LR multiplier for the text tower (`text.*`). A pretrained BERT fine-tuned at the rate a
+    # from-scratch ViT needs forgets the word meanings that carry over to unseen captions.
+    text_lr_scale: float = 1.0
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])

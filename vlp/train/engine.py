@@ -85,24 +85,25 @@ def config_precision(ds_config: dict) -> str:
     return "fp32"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay for weight matrices; none for norms, biases, temperatures,
-    embeddings of position/type and every other 1-d parameter. Each group carries the
-    parameter names, so checkpoints can be mapped back to names."""
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
+                 text_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: decay for weight matrices; none for norms, biases, temperatures,
+    embeddings of position/type and every other 1-d parameter. The pretrained text tower
+    (`text.*`) gets `lr * text_lr_scale`. Each group carries its parameter names, so
+    checkpoints can be mapped back to names; empty groups are dropped."""
     extra = set(getattr(model, "no_weight_decay", lambda: ())())
-    decay, no_decay = ([], []), ([], [])
+    groups: dict[tuple[bool, bool], tuple[list, list]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = (param.ndim < 2 or name in extra
                 or any(fragment in name for fragment in NO_DECAY_NAMES))
-        names, params = no_decay if skip else decay
+        names, params = groups.setdefault((skip, name.startswith("text.")), ([], []))
         names.append(name)
         params.append(param)
-    return [
-        {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
-        {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
-    ]
+    return [{"params": params, "names": names, "weight_decay": 0.0 if skip else weight_decay,
+             "lr": lr * (text_lr_scale if is_text else 1.0)}
+            for (skip, is_text), (names, params) in sorted(groups.items())]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -117,7 +118,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 def build_optimizer(model: torch.nn.Module, train: TrainConfig):
     """Torch AdamW (never DeepSpeed's fused/CPU Adam, whose JIT build takes a minute) and
     its LambdaLR warmup-cosine schedule, stepped once per optimizer step."""
-    groups = param_groups(model, train.weight_decay)
+    groups = param_groups(model, train.weight_decay, train.lr, train.text_lr_scale)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
