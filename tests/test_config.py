@@ -65,3 +65,10 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(None, ["data.batch_size"])
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_without_a_dot_is_a_float():
+    # YAML 1.1 parses "1e-3" as a string; an override like train.lr=1e-3 must still work.
+    assert load_config(overrides=["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(overrides=["train.lr=fast"])
