@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(json.dumps(results[-1]), flush=True)
     base = next(r for r in results if r["setting"] == "itc")["samples_per_s"]
-    print(f"\n| setting | ranks | samples/s | × ITC-only bf16 | peak RSS (MB) | data wait |")
+    print("\n| setting | ranks | samples/s | × ITC-only bf16 | peak RSS (MB) | data wait |")
     print("|---|---|---|---|---|---|")
     for r in results:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] else "–"

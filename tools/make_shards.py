@@ -29,7 +29,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlp.data.images import IMAGE_EXTENSIONS, decode_image
-from vlp.data.writer import ShardWriter, write_atomic, write_sizes
+from vlp.atomic import atomic_write_text
+from vlp.data.writer import ShardWriter, write_sizes
 
 
 def read_captions(src: Path) -> tuple[dict[str, dict], list[dict]]:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no usable images in {args.src} ({len(skips)} skipped)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = write_shards(items, args.out, args.maxcount, args.val_fraction, args.seed) if items else {}
-    write_atomic(args.out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skips).encode())
+    atomic_write_text(args.out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
     counts = Counter(s["reason"] for s in skips)
     print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.out}", file=sys.stderr)
     if skips:

@@ -11,14 +11,7 @@ import os
 import tarfile
 from pathlib import Path
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from vlp.atomic import atomic_write_json
 
 
 def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
@@ -26,7 +19,7 @@ def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
     path = out_dir / "sizes.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update(sizes)
-    write_atomic(path, (json.dumps(dict(sorted(merged.items())), indent=1) + "\n").encode())
+    atomic_write_json(path, dict(sorted(merged.items())), indent=1)
 
 
 class ShardWriter:

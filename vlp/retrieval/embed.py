@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlp.atomic import atomic_write_json
 from vlp.config import ConfigError
 from vlp.data.skips import SkipCounter
 from vlp.data.sources import count_samples
@@ -49,7 +50,7 @@ class EmbedSettings:
                 raise ValueError(f"{index_dir} holds chunks built with other settings ({detail}); "
                                  f"use a new --out or the original settings")
         else:
-            store.atomic_write_json(path, asdict(self))
+            atomic_write_json(path, asdict(self))
 
 
 def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings: EmbedSettings,

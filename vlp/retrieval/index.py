@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Optional
 
 import faiss
 import numpy as np
+
+from vlp.atomic import atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +219,8 @@ def tune(index: faiss.Index, queries: np.ndarray, true_ids: np.ndarray,
 
 def save_index(index: faiss.Index, directory: Path) -> Path:
     """Write the index atomically (temp file in the same folder, then rename)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / INDEX_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".image.index.")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = Path(directory) / INDEX_FILE
+    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
     return path
 
 
@@ -250,19 +241,6 @@ def load_index(directory: Path, mmap: Optional[bool] = None) -> tuple[faiss.Inde
     for name, value in manifest.search_params.items():
         set_search_param(index, name, value)
     return index, manifest
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def index_bytes(directory: Path) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 from vlp.data.images import IMAGE_EXTENSIONS

@@ -19,13 +19,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from vlp.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def write_chunk(index_dir: Path, name: str, rows: list[dict], image_emb: np.ndar
     if tokens is not None:
         _save_npy(directory / f"{name}.tok.npy", tokens.astype(np.float16))
     table = pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
-    _atomic(directory / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+    atomic_write(directory / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
 
 
 def clean_partial(index_dir: Path) -> int:
@@ -116,7 +117,7 @@ def merge_chunks(index_dir: Path, extra_dirs: Iterable[Path] = ()) -> int:
     if duplicates:
         log.warning("merge: dropped %d items whose key (id) already appeared in an earlier chunk", duplicates)
     items = pa.concat_tables(tables)
-    _atomic(index_dir / ITEMS, lambda tmp: pq.write_table(items, tmp))
+    atomic_write(index_dir / ITEMS, lambda tmp: pq.write_table(items, tmp))
     _merge_arrays(index_dir / IMAGE_EMB, [(f"{s}.img.npy", keep_masks[n]) for n, s in sorted(sources.items())])
     _merge_texts(index_dir, sources, keep_masks)
     token_files = [(f"{s}.tok.npy", keep_masks[n]) for n, s in sorted(sources.items())]
@@ -193,9 +194,8 @@ def _merge_arrays(out: Path, parts: list[tuple[str, np.ndarray]]) -> None:
     shapes = [np.load(path, mmap_mode="r") for path, _ in parts]
     first = next((a for a in shapes if len(a)), shapes[0])
     total = sum(int(mask.sum()) for _, mask in parts)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype,
                                            shape=(total, *first.shape[1:]))
         at = 0
@@ -207,28 +207,9 @@ def _merge_arrays(out: Path, parts: list[tuple[str, np.ndarray]]) -> None:
             merged[at:at + kept] = part[mask] if kept < len(mask) else part
             at += kept
         merged.flush()
-        del merged
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
-
-def atomic_write_json(path: Path, value) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2)))
+    atomic_write(out, write)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic(path, lambda tmp: np.save(tmp, array), suffix=".npy")
-
-
-def _atomic(path: Path, write, suffix: str = "") -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: np.save(tmp, array))

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vlp.atomic import atomic_write_text
+
 from vlp.train.launch import World
 
 PREFIX = "step-"
@@ -28,12 +30,6 @@ CONFIG_FILE = "config.yaml"
 
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,7 +79,7 @@ def _finalize(ckpt_dir: Path, tmp: Path, tag: str, keep: int) -> None:
     if final.exists():  # saved twice at one step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_atomic(ckpt_dir / "latest", tag)
+    atomic_write_text(ckpt_dir / "latest", tag)
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 

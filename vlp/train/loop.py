@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from vlp.atomic import atomic_write_text
+
 from vlp.config import Config, ConfigError, to_dict
 from vlp.train import checkpoint
 from vlp.train.engine import build_engine, config_precision, deepspeed_config, resolve_precision
@@ -141,8 +143,8 @@ class Trainer:
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomic(self.run_dir / "config.yaml", self.config_yaml)
-            checkpoint.write_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=1))
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
+            atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=1))
         self.resume()
         self.log = RunLog(self.run_dir, cfg.train.steps, self.state["step"], world.is_main)
         self.meter = Meter()
@@ -311,7 +313,7 @@ class Trainer:
             final = checkpoint.list_checkpoints(self.ckpt_dir)[-1]
             export_model_dir(final, self.run_dir / "model")
             if results is not None:
-                checkpoint.write_atomic(self.run_dir / "eval.json", json.dumps(
+                atomic_write_text(self.run_dir / "eval.json", json.dumps(
                     {"step": self.state["step"], **results}, indent=1))
                 print(format_table(results), flush=True)
             print(f"done: {self.state['step']} steps in {seconds:.0f} s; model: {self.run_dir / 'model'}; "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlp.zeroshot.errors import ZeroShotError
-from vlp.zeroshot.report import atomic_write
+from vlp.atomic import atomic_write
 from vlp.zeroshot.templates import fill
 
 log = logging.getLogger(__name__)

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vlp.atomic import atomic_write
 from vlp.zeroshot import report
 from vlp.zeroshot.classes import ClassList
 from vlp.zeroshot.classifier import TextEncoder, ZeroShotClassifier
 from vlp.zeroshot.errors import ZeroShotError
-from vlp.zeroshot.report import atomic_write
 from vlp.zeroshot.templates import LearnedPrompt
 
 log = logging.getLogger(__name__)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from vlp.atomic import atomic_write
 
 from vlp.metrics import topk_accuracy
 from vlp.zeroshot.classes import ClassList
@@ -90,23 +90,6 @@ def summary_line(metrics: dict) -> str:
 
 
 # --------------------------------------------------------------------------- files
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and move the result into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
 
 def write_predictions_csv(path: Path, preds: Predictions, classes: ClassList) -> None:
     probs = preds.matrix(len(classes))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from vlp.atomic import atomic_write_json
 from tqdm import tqdm
 
 from vlp.zeroshot import report
@@ -148,10 +150,10 @@ def finish_report(out: Path, preds: report.Predictions, classes: ClassList,
     confusion = metrics.pop("confusion", None)
     if confusion:
         report.plot_confusion(out / "confusion.png", confusion, classes)
-        report.write_json(out / "confusion.json",
+        atomic_write_json(out / "confusion.json",
                           {"labels": classes.labels, "matrix": confusion})
     report.plot_mistakes(out / "mistakes.png", preds, classes)
-    report.write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
