@@ -120,3 +120,27 @@ def test_build_cli_images_only_with_factory_override(tmp_path, capsys):
     assert main(["--model", str(tiny_model_dir()), "--shards", str(tmp_path / "none-{0..1}.tar"),
                  "--out", str(tmp_path / "y")]) == 2
     assert "shard not found" in capsys.readouterr().err
+
+
+def test_shard_reader_gives_seekable_offsets_and_counts_a_tar_cut_between_members(tmp_path):
+    from vlp.data.skips import SkipCounter
+    from vlp.retrieval.shards import iter_shard, read_member
+
+    shard = tiny_shards(n_shards=1, per_shard=4, corrupt=False)[0]
+    whole = list(iter_shard(shard, SkipCounter()))
+    assert len(whole) == 4
+    for sample in whole:
+        assert read_member(shard, sample.image_offset, sample.image_size) == sample.image_bytes
+    # Cut right after the second sample's last member: tarfile would call this a whole tar.
+    # The reader cannot tell whether that sample's members were all there, so it drops it
+    # along with the one counted bad tar; the first sample survives with its offsets.
+    data = open(shard, "rb").read()
+    third = whole[2]
+    first_member_of_third = min(s.image_offset for s in whole[2:]) - 512
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:first_member_of_third])
+    skips = SkipCounter()
+    kept = list(iter_shard(str(cut), skips))
+    assert [s.key for s in kept] == [whole[0].key] and third.key not in {s.key for s in kept}
+    assert read_member(str(cut), kept[0].image_offset, kept[0].image_size) == whole[0].image_bytes
+    assert skips.total["bad_tar"] == 1

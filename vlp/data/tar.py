@@ -21,6 +21,14 @@ class BrokenTar(Exception):
 
 def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(file name, contents) of each regular file, in archive order."""
+    for name, _, data in tar_entries(stream):
+        yield name, data
+
+
+def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
+    """(file name, byte offset of the contents in the archive, contents) of each regular
+    file; the offset lets a reader fetch one member later with a seek (the index serves
+    images straight from the shards)."""
     long_name, offset = None, 0
     while True:
         header = stream.read(BLOCK)
@@ -44,7 +52,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         elif kind in (b"0", b"\0", b"7"):
             long_name = None
             if not _META.match(name):
-                yield name, data
+                yield name, offset - size - len(padding), data
         else:  # directories, links, global pax headers: not samples
             long_name = None if kind != b"g" else long_name
 

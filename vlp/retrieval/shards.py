@@ -1,18 +1,19 @@
 """Read shard samples together with the byte offset of their image inside the tar.
 
 The index serves images straight from the shards (seek + read by offset), so the embedding
-pass reads tars with `tarfile` instead of a WebDataset stream, which hides offsets.
+pass reads tars with the data room's `tar_entries`, which also gives each member's offset
+(and, unlike `tarfile`, notices a tar cut between two members).
 Decoding is left to the caller, so skipping a finished chunk on resume costs no decode.
 """
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from vlp.data.images import IMAGE_EXTENSIONS
 from vlp.data.loader import parse_sample
 from vlp.data.skips import SkipCounter
+from vlp.data.tar import BrokenTar, tar_entries
 
 IMAGE_MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -32,33 +33,26 @@ class RawSample:
 def iter_shard(path: str, skips: SkipCounter) -> Iterator[RawSample]:
     """Samples of one tar in member order; bad members are counted skips, a truncated tar
     yields what precedes the damage and records one `bad_tar` skip."""
+    group: list[tuple[str, int, bytes]] = []
+    key = None
     try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError) as err:
-        skips.record("bad_tar", f"{path}: {err}")
-        return
-    with tar:
-        group: list[tarfile.TarInfo] = []
-        key = None
-        try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key = _key_of(member.name)
+        with open(path, "rb") as stream:
+            for entry in tar_entries(stream):
+                member_key = _key_of(entry[0])
                 if group and member_key != key:
-                    sample = _assemble(tar, path, key, group, skips)
+                    sample = _assemble(path, key, group, skips)
                     if sample is not None:
                         yield sample
                     group = []
                 key = member_key
-                group.append(member)
-        except (tarfile.TarError, EOFError, OSError) as err:
-            skips.record("bad_tar", f"{path}: {err}")
-            group = []
-        if group:
-            sample = _assemble(tar, path, key, group, skips)
-            if sample is not None:
-                yield sample
+                group.append(entry)
+    except (BrokenTar, OSError) as err:
+        skips.record("bad_tar", f"{path}: {err}")
+        group = []  # the last sample may be cut short: drop it with the counted bad tar
+    if group:
+        sample = _assemble(path, key, group, skips)
+        if sample is not None:
+            yield sample
 
 
 def read_member(shard: str, offset: int, size: int) -> bytes:
@@ -81,16 +75,16 @@ def _ext_of(name: str) -> str:
     return base.split(".", 1)[1].lower() if "." in base else ""
 
 
-def _assemble(tar: tarfile.TarFile, path: str, key: str, members: list[tarfile.TarInfo],
+def _assemble(path: str, key: str, members: list[tuple[str, int, bytes]],
               skips: SkipCounter) -> Optional[RawSample]:
-    by_ext = {_ext_of(m.name): m for m in members}
+    by_ext = {_ext_of(name): (name, offset, data) for name, offset, data in members}
     # The data room's parser decides what a valid sample is, so the index and training agree.
     raw = {"__key__": key, "__url__": path}
-    raw.update({ext: tar.extractfile(m).read() for ext, m in by_ext.items()})
+    raw.update({ext: data for ext, (_, _, data) in by_ext.items()})
     parsed = parse_sample(raw, skips)
     if parsed is None:
         return None
     image_bytes, captions, meta = parsed
-    image = next(by_ext[e] for e in IMAGE_EXTENSIONS if e in by_ext)
-    return RawSample(key=key, shard=path, image_member=image.name, image_offset=image.offset_data,
-                     image_size=image.size, captions=captions, json=meta, image_bytes=image_bytes)
+    name, offset, data = next(by_ext[e] for e in IMAGE_EXTENSIONS if e in by_ext)
+    return RawSample(key=key, shard=path, image_member=name, image_offset=offset,
+                     image_size=len(data), captions=captions, json=meta, image_bytes=image_bytes)
