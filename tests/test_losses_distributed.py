@@ -2,14 +2,11 @@
 and so do their gradients (after the 1/world averaging DDP/DeepSpeed apply)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from gloo_ranks import run_ranks
 from vlp.losses import contrastive_loss, filip_loss
 
 B_LOCAL, WORLD = 3, 2
@@ -37,23 +34,15 @@ def losses_and_grads(img, txt, img_tok, txt_tok, mask):
     return itc.item(), filip.item(), [leaf.grad for leaf in leaves]
 
 
-def _rank_main(rank: int, tmp: str) -> None:
+def _rank_losses(rank: int) -> dict:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     itc, filip, grads = losses_and_grads(*(t[rows] for t in global_inputs()))
-    out = [None] * WORLD
-    dist.all_gather_object(out, {"itc": itc, "filip": filip, "grads": [g.tolist() for g in grads]})
-    if rank == 0:
-        Path(tmp, "result.json").write_text(json.dumps(out))
-    dist.destroy_process_group()
+    return {"itc": itc, "filip": filip, "grads": [g.tolist() for g in grads]}
 
 
 def test_two_ranks_equal_the_concatenated_batch(tmp_path):
-    # spawn, not fork: a child forked after the parent ran torch ops can hang on the
-    # inherited OpenMP state.
-    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
-    ranks = json.loads((tmp_path / "result.json").read_text())
+    ranks = run_ranks(_rank_losses, tmp_path, WORLD)
     itc, filip, grads = losses_and_grads(*global_inputs())
     # Each rank's loss is the mean over its rows; their mean is the global mean.
     assert abs(sum(r["itc"] for r in ranks) / WORLD - itc) < 1e-5

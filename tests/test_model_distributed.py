@@ -2,13 +2,10 @@
 whose captions trim to different lengths; ITC/FILIP match the single-process batch."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_ranks
 from test_model import tiny_batch, tiny_cfg
 
 WORLD = 2
@@ -31,9 +28,8 @@ def global_batch():
     return batch
 
 
-def _rank_main(rank: int, tmp: str) -> None:
+def _rank_main(rank: int) -> dict:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     import vlp.model.vlp_model as vlp_model
 
     draws = []
@@ -57,18 +53,11 @@ def _rank_main(rank: int, tmp: str) -> None:
     result["picked_forbidden"] = any(bool(f[torch.arange(3), i][v].any()) for f, i, v in draws)
     # Image id 2 sits on both ranks (global rows 2 and 3): each must mask the other's copy.
     result["duplicate_masked"] = bool(draws[0][0][2 if rank == 0 else 0, 2] and draws[0][0][2 if rank == 0 else 0, 3])
-    gathered = [None] * WORLD
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        Path(tmp, "result.json").write_text(json.dumps(gathered))
-    dist.destroy_process_group()
+    return result
 
 
 def test_model_on_two_ranks(tmp_path):
-    # spawn, not fork: a child forked after the parent ran torch ops can hang on the
-    # inherited OpenMP state.
-    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
-    ranks = json.loads((tmp_path / "result.json").read_text())
+    ranks = run_ranks(_rank_main, tmp_path, WORLD)
     assert all(r["grads_finite"] for r in ranks)
     for r in ranks:  # negatives come from the global batch, never a same-image pair
         assert r["candidates"] == [[3, 6], [3, 6]]
