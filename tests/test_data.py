@@ -361,3 +361,21 @@ def test_broken_tar_counted_once_when_all_workers_read_it(tmp_path):
         skipped.update(s)
     assert skipped == {"bad_tar": 1}
     assert sorted(keys) == [f"s{i:05d}" for i in (0, 1, *range(6, 12))]
+
+
+def test_tar_header_checksums_with_non_ascii_bytes(tmp_path):
+    """Headers that are not pure ASCII take the byte-sum path of the checksum check."""
+    import tarfile
+
+    from vlp.data.tar import BrokenTar, tar_members
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("ünïcode.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    data = bytearray(buffer.getvalue())
+    assert list(tar_members(io.BytesIO(bytes(data)))) == [("ünïcode.txt", b"hi")]
+    data[0] ^= 0x80  # still non-ASCII, byte sum off by 128
+    with pytest.raises(BrokenTar, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(data))))

@@ -8,6 +8,7 @@ prefixes, GNU long names and pax paths), checks each header's checksum, and rais
 from __future__ import annotations
 
 import re
+import zlib
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
@@ -63,8 +64,17 @@ def _check_sum(header: bytes, offset: int) -> None:
     except ValueError:
         stored = -1
     # The checksum is the byte sum with its own 8-byte field counted as spaces.
-    if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+    if stored != _byte_sum(header) - sum(header[148:156]) + 8 * 32:
         raise BrokenTar(f"has a corrupt header at byte {offset} (checksum mismatch)")
+
+
+def _byte_sum(block: bytes) -> int:
+    # sum() walks the block as Python ints (2 us a header, most of the reader's time). The
+    # low 16 bits of Adler-32 are 1 + the byte sum mod 65521: exact when every byte is below
+    # 128 (a sum of at most 512 * 127 < 65521), which ASCII headers are.
+    if block.isascii():
+        return (zlib.adler32(block) & 0xFFFF) - 1
+    return sum(block)
 
 
 def _size(header: bytes) -> int:
