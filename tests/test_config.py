@@ -72,3 +72,12 @@ def test_exponent_without_a_dot_is_a_float():
     assert load_config(overrides=["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(overrides=["train.lr=fast"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.precision=fp8", "train.precision"),
+    ("model.text.pooling=max", "model.text.pooling"),  # a choice three levels down
+])
+def test_value_outside_its_choices_names_the_key_and_the_choices(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}' must be one of"):
+        load_config(overrides=[override])

@@ -173,8 +173,11 @@ def test_precomputed_text_states_and_embeds_give_the_same_scores():
                                    model.encode_text(ids, mask))
 
 
-def test_trailing_padding_does_not_change_the_text_path():
-    model = build_model(tiny_cfg()).eval()
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_trailing_padding_does_not_change_the_text_path(pooling):
+    cfg = tiny_cfg()
+    cfg.model.text.pooling = pooling
+    model = build_model(cfg).eval()
     batch = tiny_batch(b=3, length=6)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     longer_ids = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], 1)
@@ -183,6 +186,21 @@ def test_trailing_padding_does_not_change_the_text_path():
         torch.testing.assert_close(model.encode_text(ids, mask), model.encode_text(longer_ids, longer_mask))
         torch.testing.assert_close(model.itm_scores(ids, mask, images=batch["image"]),
                                    model.itm_scores(longer_ids, longer_mask, images=batch["image"]))
+
+
+def test_mean_pooling_averages_the_real_tokens_only():
+    cfg = tiny_cfg()
+    cfg.model.text.pooling = "mean"
+    model = build_model(cfg).eval()
+    batch = tiny_batch(b=3, length=6)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        states = model.encode_text_states(ids, mask)
+        want = torch.stack([states[i, :int(mask[i].sum())].mean(0) for i in range(3)])
+        torch.testing.assert_close(model.encode_text(ids, mask),
+                                   torch.nn.functional.normalize(model.text_proj(want), dim=-1))
+        cls_model_emb = torch.nn.functional.normalize(model.text_proj(states[:, 0]), dim=-1)
+        assert not torch.allclose(model.encode_text(ids, mask), cls_model_emb)
 
 
 # ------------------------------------------------------------------ checkpointing

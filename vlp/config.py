@@ -76,6 +76,9 @@ class TextConfig:
     max_positions: int = 512
     # The top K layers become fusion layers (self-attn + cross-attn to image + FFN).
     fusion_layers: int = 2
+    # The ITC text embedding: the [CLS] state (ALBEF/BLIP) or the mean over real tokens, the
+    # pooling sentence-transformers models such as all-MiniLM-L6-v2 were trained with.
+    pooling: str = "cls"
 
 
 @dataclass
@@ -162,6 +165,7 @@ class Config:
 
 
 _CHOICES = {
+    "model.text.pooling": ("cls", "mean"),
     "loss.weighting": ("fixed", "uncertainty"),
     "loss.filip_precision": ("bf16", "fp16", "fp32"),
     "train.precision": ("bf16", "fp16", "fp32"),
@@ -262,8 +266,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 def _check_choices(cfg: Config) -> None:
     for dotted, allowed in _CHOICES.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for name in dotted.split("."):
+            value = getattr(value, name)
         if value not in allowed:
             raise ConfigError(f"config key '{dotted}' must be one of {allowed}, got {value!r}")
     if cfg.model.text.fusion_layers < 0:

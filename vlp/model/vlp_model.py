@@ -45,6 +45,7 @@ class VLPModel(nn.Module):
         self.text = TextTower(model_cfg.text, self.vision.width)
         self.image_proj = nn.Linear(self.vision.width, model_cfg.embed_dim)
         self.text_proj = nn.Linear(self.text.width, model_cfg.embed_dim)
+        self.text_pooling = model_cfg.text.pooling
         self.itc = ContrastiveLoss(loss_cfg.init_temperature, loss_cfg.max_logit_scale)
         # Parts of objectives that are off are not built: no dead parameters to train.
         if self.weights["filip"] > 0:
@@ -120,7 +121,15 @@ class VLPModel(nn.Module):
                     inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if text_states is None:
             text_states = self.encode_text_states(input_ids, attention_mask, inputs_embeds)
-        return F.normalize(self.text_proj(text_states[:, 0]).float(), dim=-1)
+        return self._text_embedding(text_states, attention_mask)
+
+    def _text_embedding(self, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.text_pooling == "mean":
+            weights = attention_mask[:, :text_states.shape[1], None].to(text_states.dtype)
+            pooled = (text_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = text_states[:, 0]
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """FILIP patch tokens `[B, N, filip_dim]` (CLS excluded), normalized per token."""
@@ -209,7 +218,7 @@ class VLPModel(nn.Module):
         if w["itc"] or w["itm"]:
             with torch.set_grad_enabled(torch.is_grad_enabled() and w["itc"] > 0):
                 image_emb = F.normalize(self.image_proj(image_states[:, 0]).float(), dim=-1)
-                text_emb = F.normalize(self.text_proj(text_states[:, 0]).float(), dim=-1)
+                text_emb = self._text_embedding(text_states, attention_mask)
         if w["itc"]:
             record("itc", self.itc(image_emb, text_emb))
         if w["filip"]:

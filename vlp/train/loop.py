@@ -212,6 +212,10 @@ class Trainer:
                 if torch.is_tensor(value) and value.numel() == 1:
                     value = value.detach().float().reshape(())
                     terms[name] = terms.get(name, 0.0) + value / self.cfg.train.grad_accum
+        # Before clipping: shows when train.grad_clip is what limits the updates.
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            terms["grad_norm"] = torch.as_tensor(grad_norm).detach().float().reshape(())
         self.state["step"] += 1
         self.state["samples"] += samples * self.world.world_size
         step_time = time.perf_counter() - start
