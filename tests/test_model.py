@@ -276,6 +276,23 @@ def test_text_tower_loads_a_local_bert_dir_and_fusion_starts_from_its_layers(tmp
     assert model.tokenizer.convert_tokens_to_ids(DEC_TOKEN) == 128 == model.decoder.dec_token_id
 
 
+def test_stacked_fusion_keeps_every_text_layer_and_starts_from_a_copy_of_the_top_one(tmp_path):
+    bert = _save_tiny_bert(tmp_path / "bert")
+    tiny_tokenizer(tmp_path / "bert")
+    cfg = tiny_cfg()
+    cfg.model.text.pretrained = str(tmp_path / "bert")
+    cfg.model.text.fusion_placement = "stack"
+    model = build_model(cfg)
+    assert len(model.text.layers) == 3 and len(model.text.fusion) == 1
+    top, fusion = model.text.layers[2], model.text.fusion[0]
+    torch.testing.assert_close(fusion.output.dense.weight, top.output.dense.weight)
+    # A copy, not the same module: training the fusion layer leaves the text path alone.
+    assert fusion.output.dense.weight.data_ptr() != top.output.dense.weight.data_ptr()
+    batch = tiny_batch(b=2)
+    out = model(batch)
+    assert torch.isfinite(out["loss"]) and {"itc", "itm", "lm"} <= set(out)
+
+
 def test_missing_bert_dir_is_a_clear_error(tmp_path):
     cfg = tiny_cfg()
     cfg.model.text.pretrained = str(tmp_path / "no-such-bert")

@@ -74,8 +74,12 @@ class TextConfig:
     intermediate: int = 1536
     vocab_size: int = 30522
     max_positions: int = 512
-    # The top K layers become fusion layers (self-attn + cross-attn to image + FFN).
+    # K fusion layers (self-attn + cross-attn to image + FFN). "replace" (ALBEF): the top K
+    # BERT layers become them and the text-only path (ITC, FILIP) keeps the layers below.
+    # "stack": K copies of the top layers go on top, so the text-only path keeps them all;
+    # the better choice for a shallow text tower such as the 6-layer MiniLM.
     fusion_layers: int = 2
+    fusion_placement: str = "replace"
     # The ITC text embedding: the [CLS] state (ALBEF/BLIP) or the mean over real tokens, the
     # pooling sentence-transformers models such as all-MiniLM-L6-v2 were trained with.
     pooling: str = "cls"
@@ -166,6 +170,7 @@ class Config:
 
 _CHOICES = {
     "model.text.pooling": ("cls", "mean"),
+    "model.text.fusion_placement": ("replace", "stack"),
     "loss.weighting": ("fixed", "uncertainty"),
     "loss.filip_precision": ("bf16", "fp16", "fp32"),
     "train.precision": ("bf16", "fp16", "fp32"),

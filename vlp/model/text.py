@@ -94,8 +94,9 @@ def run_layers(layers, hidden, mask, image_states, use_checkpoint: bool) -> torc
 
 
 class TextTower(nn.Module):
-    """`encode` runs the text-only path (the first L−K layers: ITC, FILIP, retrieval);
-    `fuse` continues it through the K fusion layers attending to image states (ITM)."""
+    """`encode` runs the text-only path (ITC, FILIP, retrieval): the first L−K layers, or all
+    L when the fusion layers are stacked on top; `fuse` continues it through the K fusion
+    layers attending to image states (ITM)."""
 
     def __init__(self, cfg: TextConfig, image_width: int):
         super().__init__()
@@ -104,19 +105,21 @@ class TextTower(nn.Module):
         if cfg.fusion_layers > depth:
             raise ValueError(f"model.text.fusion_layers={cfg.fusion_layers} exceeds the "
                              f"{depth} layers of the text tower")
+        stack = cfg.fusion_placement == "stack"
         self.base_vocab_size = bert.config.vocab_size
         # One extra row for the [DEC] bos token, appended at id = base vocab size.
         bert.resize_token_embeddings(self.base_vocab_size + 1, mean_resizing=False)
         self.config: BertConfig = bert.config
         self.embeddings = bert.embeddings
-        n_text = depth - cfg.fusion_layers
+        top = list(bert.encoder.layer[depth - cfg.fusion_layers:])
+        text_layers = bert.encoder.layer if stack else bert.encoder.layer[:depth - cfg.fusion_layers]
         self.layers = nn.ModuleList(
             CrossLayer(layer.attention, None, layer.intermediate, layer.output)
-            for layer in bert.encoder.layer[:n_text])
+            for layer in text_layers)
         self.fusion = nn.ModuleList(
             CrossLayer(layer.attention, new_cross_attention(bert.config, image_width),
                        layer.intermediate, layer.output)
-            for layer in bert.encoder.layer[n_text:])
+            for layer in (copy.deepcopy(top) if stack else top))
         self.grad_checkpointing = False
 
     @property
