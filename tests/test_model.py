@@ -155,7 +155,7 @@ def test_scoring_api_shapes_and_normalization():
         assert model.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
 
 
-def test_precomputed_text_states_and_embeds_give_the_same_scores():
+def test_precomputed_states_and_embeds_give_the_same_scores():
     model = build_model(tiny_cfg()).eval()
     batch = tiny_batch(b=3)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -171,6 +171,11 @@ def test_precomputed_text_states_and_embeds_give_the_same_scores():
         embeds = model.text.embeddings.word_embeddings(ids)
         torch.testing.assert_close(model.encode_text(None, mask, inputs_embeds=embeds),
                                    model.encode_text(ids, mask))
+        image_states = model.encode_image_states(batch["image"])
+        torch.testing.assert_close(model.encode_image(None, image_states=image_states),
+                                   model.encode_image(batch["image"]))
+        torch.testing.assert_close(model.encode_image_tokens(None, image_states=image_states),
+                                   model.encode_image_tokens(batch["image"]))
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

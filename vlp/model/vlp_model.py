@@ -102,8 +102,11 @@ class VLPModel(nn.Module):
         """ViT token states `[B, 1+N, vision_width]`: what the fusion layers attend to."""
         return self.vision(images)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.vision(images)[:, 0]).float(), dim=-1)
+    def encode_image(self, images: torch.Tensor | None,
+                     image_states: torch.Tensor | None = None) -> torch.Tensor:
+        if image_states is None:
+            image_states = self.vision(images)
+        return F.normalize(self.image_proj(image_states[:, 0]).float(), dim=-1)
 
     def encode_text_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                            inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,10 +134,13 @@ class VLPModel(nn.Module):
             pooled = text_states[:, 0]
         return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
-    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image_tokens(self, images: torch.Tensor | None,
+                            image_states: torch.Tensor | None = None) -> torch.Tensor:
         """FILIP patch tokens `[B, N, filip_dim]` (CLS excluded), normalized per token."""
         self._filip()
-        return F.normalize(self.image_token_proj(self.vision(images)[:, 1:]).float(), dim=-1)
+        if image_states is None:
+            image_states = self.vision(images)
+        return F.normalize(self.image_token_proj(image_states[:, 1:]).float(), dim=-1)
 
     def encode_text_tokens(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                            text_states: torch.Tensor | None = None) -> torch.Tensor:

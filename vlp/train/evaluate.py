@@ -32,13 +32,15 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
     for batch in batches:
         images = _to(batch["image"], device, dtype)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        parts["img"].append(model.encode_image(images).float())
-        parts["txt"].append(model.encode_text(ids, mask).float())
+        # Each tower runs once per batch; every score is taken from its states.
+        states, text_states = model.encode_image_states(images), model.encode_text_states(ids, mask)
+        parts["img"].append(model.encode_image(None, image_states=states).float())
+        parts["txt"].append(model.encode_text(ids, mask, text_states=text_states).float())
         if model.has_filip:
-            parts["img_tok"].append(model.encode_image_tokens(images))
-            parts["txt_tok"].append(model.encode_text_tokens(ids, mask))
+            parts["img_tok"].append(model.encode_image_tokens(None, image_states=states))
+            parts["txt_tok"].append(model.encode_text_tokens(ids, mask, text_states=text_states))
         if model.has_itm:
-            parts["states"].append(model.encode_image_states(images))
+            parts["states"].append(states)
         parts["txt_mask"].append(mask)
         parts["ids"].append(ids)
         parts["mask"].append(mask)
