@@ -223,13 +223,13 @@ class VLPModel(nn.Module):
         image_emb = text_emb = None
         if w["itc"] or w["itm"]:
             with torch.set_grad_enabled(torch.is_grad_enabled() and w["itc"] > 0):
-                image_emb = F.normalize(self.image_proj(image_states[:, 0]).float(), dim=-1)
-                text_emb = self._text_embedding(text_states, attention_mask)
+                image_emb = self.encode_image(None, image_states=image_states)
+                text_emb = self.encode_text(None, attention_mask, text_states=text_states)
         if w["itc"]:
             record("itc", self.itc(image_emb, text_emb))
         if w["filip"]:
-            image_tokens = F.normalize(self.image_token_proj(image_states[:, 1:]).float(), dim=-1)
-            text_tokens = F.normalize(self.text_token_proj(text_states).float(), dim=-1)
+            image_tokens = self.encode_image_tokens(None, image_states=image_states)
+            text_tokens = self.encode_text_tokens(None, attention_mask, text_states=text_states)
             record("filip", self.filip(image_tokens, text_tokens, attention_mask))
         if w["itm"]:
             record("itm", self._itm(image_states, text_states, attention_mask,

@@ -25,7 +25,7 @@ def _to(x: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
 def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtype,
                   rank: int, world_size: int) -> dict[str, Any]:
     """One pass: global and token embeddings, fusion image states, and val losses."""
-    parts: dict[str, list] = {k: [] for k in ("img", "txt", "img_tok", "txt_tok", "txt_mask",
+    parts: dict[str, list] = {k: [] for k in ("img", "txt", "img_tok", "txt_tok",
                                               "states", "ids", "mask", "owner")}
     loss_sums: dict[str, float] = {}
     loss_rows = n_images = 0
@@ -41,7 +41,6 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
             parts["txt_tok"].append(model.encode_text_tokens(ids, mask, text_states=text_states))
         if model.has_itm:
             parts["states"].append(states)
-        parts["txt_mask"].append(mask)
         parts["ids"].append(ids)
         parts["mask"].append(mask)
         parts["owner"].append(batch["text_image_index"] + n_images)
@@ -153,7 +152,7 @@ def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype,
 def _filip_matrix(model, emb: dict[str, Any], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     i2t, t2i = [], []
     for start in range(0, emb["img_tok"].shape[0], batch_size):
-        a, b = model.filip_scores(emb["img_tok"][start:start + batch_size], emb["txt_tok"], emb["txt_mask"])
+        a, b = model.filip_scores(emb["img_tok"][start:start + batch_size], emb["txt_tok"], emb["mask"])
         i2t.append(a.float().cpu())
         t2i.append(b.float().cpu())
     return torch.cat(i2t), torch.cat(t2i)
