@@ -4,8 +4,9 @@
     python pipelines/search.py --index runs/index --image photo.jpg -k 10
     python pipelines/search.py --index runs/index --eval
 
-Prints a JSON list of results, best first: id, score, key, caption (and index_score, the
-index's own score, which differs from score after a rerank). --eval prints R@1/5/10.
+Prints a JSON list of results, best first: id, score, key, caption, index_score (the
+index's own score) and, after a rerank, rerank_score; score is then index_score +
+rerank_score (ALBEF/BLIP rank by ITM + ITC). --eval prints R@1/5/10.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_image_query_finds_the_same_image_first(searcher):
 
 
 @pytest.mark.parametrize("rerank", ["filip", "itm"])
-def test_rerank_reorders_the_index_candidates_by_rerank_score_only(searcher, rerank):
+def test_rerank_orders_the_index_candidates_by_index_plus_rerank_score(searcher, rerank):
     k, candidates = 5, searcher.rerank_candidates
     plain = searcher.search_text("a blue triangle", k=candidates)
     reranked = searcher.search_text("a blue triangle", k=k, rerank=rerank)
@@ -47,7 +47,10 @@ def test_rerank_reorders_the_index_candidates_by_rerank_score_only(searcher, rer
     assert {h.id for h in reranked} <= set(by_id)  # only candidates the index returned
     for h in reranked:
         assert h.index_score == pytest.approx(by_id[h.id].score, abs=1e-6)
-    # Independently recomputed rerank scores of all candidates: the top-k by them is the answer.
+        assert h.score == pytest.approx(h.index_score + h.rerank_score, abs=1e-6)
+        assert set(h.as_dict()) == {"id", "score", "key", "caption", "index_score", "rerank_score"}
+    # Independently recomputed rerank scores of all candidates plus their index scores
+    # (ALBEF/BLIP: ITM + ITC): the top-k by that sum is the answer.
     rows = searcher.items.rows(np.array([h.id for h in plain]))
     if rerank == "filip":
         tokens = torch.from_numpy(np.asarray(searcher.items.tokens[rows], np.float32))
@@ -55,9 +58,12 @@ def test_rerank_reorders_the_index_candidates_by_rerank_score_only(searcher, rer
     else:
         images = torch.stack([encoder().decode(searcher.image_bytes(int(r))) for r in rows])
         fresh = model_itm(["a blue triangle"] * len(rows), encoder().image_states(images)).numpy()
-    expected = np.argsort(-fresh, kind="stable")[:k]
+    combined = fresh + np.array([h.score for h in plain], np.float32)
+    expected = np.argsort(-combined, kind="stable")[:k]
     assert [h.id for h in reranked] == [plain[i].id for i in expected]
-    np.testing.assert_allclose(scores, fresh[expected], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([h.rerank_score for h in reranked], fresh[expected], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores, combined[expected], rtol=1e-4, atol=1e-5)
+    assert "rerank_score" not in plain[0].as_dict()
 
 
 def model_itm(texts: list[str], image_states: torch.Tensor) -> torch.Tensor:

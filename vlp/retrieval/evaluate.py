@@ -50,9 +50,10 @@ def evaluate(searcher: Searcher, candidates: int = 16, limit: int = 5000,
             continue
         t2i_new, i2t_new = _rerank(searcher, name, texts, t2i_rows[:, :candidates],
                                    i2t_rows[:, :candidates], batch_size)
+        # Ranked as the service ranks: index score + rerank score.
         report[f"index+{name}"] = _recall(len(image_emb), len(text_emb), owner,
-                                          t2i_rows[:, :candidates], t2i_new,
-                                          i2t_rows[:, :candidates], i2t_new)
+                                          t2i_rows[:, :candidates], t2i_scores[:, :candidates] + t2i_new,
+                                          i2t_rows[:, :candidates], i2t_scores[:, :candidates] + i2t_new)
     return report
 
 

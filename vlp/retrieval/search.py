@@ -26,15 +26,21 @@ class QueryError(ValueError):
 
 @dataclass
 class Hit:
+    """`score` orders the results: the index score (cosine), plus the rerank score when a
+    rerank ran (ALBEF/BLIP rank by ITM + ITC; FILIP + ITC likewise)."""
     id: int
     score: float
     key: str
     caption: str
     index_score: float
+    rerank_score: Optional[float] = None
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "score": round(self.score, 6), "key": self.key,
-                "caption": self.caption, "index_score": round(self.index_score, 6)}
+        out = {"id": self.id, "score": round(self.score, 6), "key": self.key,
+               "caption": self.caption, "index_score": round(self.index_score, 6)}
+        if self.rerank_score is not None:
+            out["rerank_score"] = round(self.rerank_score, 6)
+        return out
 
 
 class Searcher:
@@ -66,16 +72,18 @@ class Searcher:
             raise QueryError(f"embedding has {queries.shape[1]} dims, the index has {self.dims}")
         return self.index.search(queries, k)
 
-    def hits(self, scores: np.ndarray, ids: np.ndarray, index_scores: Optional[np.ndarray] = None) -> list[Hit]:
+    def hits(self, scores: np.ndarray, ids: np.ndarray,
+             rerank_scores: Optional[np.ndarray] = None) -> list[Hit]:
+        """Hits in the given order; `scores` are the index's, `rerank_scores` are added to them."""
         out = []
         for j, (score, item) in enumerate(zip(scores, ids)):
             if item < 0:
                 continue
             row = self.items.row(item)
             captions = self.items.captions(row)
-            out.append(Hit(int(item), float(score), self.items.keys[row],
-                           captions[0] if captions else "",
-                           float(index_scores[j] if index_scores is not None else score)))
+            rerank = None if rerank_scores is None else float(rerank_scores[j])
+            out.append(Hit(int(item), float(score) + (rerank or 0.0), self.items.keys[row],
+                           captions[0] if captions else "", float(score), rerank))
         return out
 
     # ----------------------------------------------------------------- queries
@@ -115,8 +123,8 @@ class Searcher:
             new = self.filip_scores(rows, text=text, image=image)
         else:
             new = self.itm_scores(rows, text)
-        order = np.argsort(-new, kind="stable")[:k]
-        return self.hits(new[order], ids[order], index_scores[order])
+        order = np.argsort(-(index_scores + new), kind="stable")[:k]
+        return self.hits(index_scores[order], ids[order], new[order])
 
     # ----------------------------------------------------------------- rerank scores
     def can_rerank(self, rerank: str) -> bool:
