@@ -131,6 +131,35 @@ def test_duplicate_images_in_a_batch_are_never_negatives():
     assert out["itm_acc"].item() in (0.0, 1.0)  # only the 3 positives count
 
 
+@pytest.mark.parametrize("step, hardness", [(0, 0.0), (5, 0.5), (10, 1.0), (50, 1.0)])
+def test_itm_negatives_warm_up_from_uniform_to_hard(monkeypatch, step, hardness):
+    import vlp.model.vlp_model as vlp_model
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(filip=0.0, lm=0.0)
+    cfg.loss.itm_hard_negatives_warmup = 10
+    model = build_model(cfg).eval()  # no dropout: the logits are recomputed below
+    drawn = []
+    real = vlp_model.sample_hard_negatives
+    monkeypatch.setattr(vlp_model, "sample_hard_negatives",
+                        lambda logits, forbidden: drawn.append(logits) or real(logits, forbidden))
+    model.set_training_step(step)
+    batch = tiny_batch(b=6)
+    model(batch)
+    with torch.no_grad():
+        image_emb, text_emb = model.encode_image(batch["image"]), model.encode_text(
+            batch["input_ids"], batch["attention_mask"])
+    full = model.logit_scale * image_emb @ text_emb.t()  # ALBEF's sampling logits
+    torch.testing.assert_close(drawn[0], hardness * full, rtol=1e-4, atol=1e-5)
+    assert drawn[0].abs().max() > 0 if hardness else drawn[0].abs().max() == 0
+
+
+def test_without_warmup_itm_negatives_are_hard_from_the_first_step():
+    model = build_model(tiny_cfg(filip=0.0, lm=0.0))
+    model.set_training_step(0)
+    assert model.itm_hardness == 1.0
+
+
 # ------------------------------------------------------------------ scoring API
 
 def test_scoring_api_shapes_and_normalization():
@@ -302,6 +331,21 @@ def test_missing_bert_dir_is_a_clear_error(tmp_path):
     cfg = tiny_cfg()
     cfg.model.text.pretrained = str(tmp_path / "no-such-bert")
     with pytest.raises(FileNotFoundError, match="no-such-bert"):
+        build_model(cfg)
+
+
+def test_bert_dir_missing_weights_is_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _save_tiny_bert(tmp_path / "bert")
+    tiny_tokenizer(tmp_path / "bert")
+    weights = tmp_path / "bert" / "model.safetensors"
+    state = load_file(weights)
+    del state["encoder.layer.1.output.dense.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    cfg = tiny_cfg()
+    cfg.model.text.pretrained = str(tmp_path / "bert")
+    with pytest.raises(ValueError, match="lacks.*encoder.layer.1.output.dense.weight"):
         build_model(cfg)
 
 

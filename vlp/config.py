@@ -119,6 +119,11 @@ class LossConfig:
     filip_precision: str = "bf16"
     filip_chunk: int = 64
     itm_global_negatives: bool = True
+    # ITM negatives are drawn ∝ softmax(hardness · ITC logits). Hardness ramps linearly from
+    # 0 (uniform: easy negatives) to 1 (ALBEF/BLIP's hard negatives) over this many steps.
+    # From the first step, hard negatives are near-copies of the positives the fusion layers
+    # cannot yet tell apart, and ITM settles at the constant 1:2 guess.
+    itm_hard_negatives_warmup: int = 0
     label_smoothing: float = 0.1
 
 

@@ -7,12 +7,14 @@ pretrained weights) and adds a new cross-attention whose keys/values read the im
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 from transformers.models.bert.modeling_bert import BertAttention
 
 from vlp.assets import resolve_local_dir
@@ -27,13 +29,30 @@ def load_bert(cfg: TextConfig) -> BertModel:
         path = resolve_local_dir(cfg.pretrained, "text tower (model.text.pretrained)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"text tower (model.text.pretrained): no config.json in {path}")
-        return BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
+        # The checkpoint's pooler is dropped on purpose, which transformers reports as a table
+        # of "unexpected" keys on every load; weights the model lacks are checked here instead.
+        with _transformers_quiet():
+            bert, info = BertModel.from_pretrained(str(path), add_pooling_layer=False,
+                                                   attn_implementation="sdpa", output_loading_info=True)
+        if info["missing_keys"]:
+            raise ValueError(f"text tower {path}: the checkpoint lacks {sorted(info['missing_keys'])[:5]}")
+        return bert
     config = BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.depth,
         num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
         max_position_embeddings=cfg.max_positions)
     config._attn_implementation = "sdpa"
     return BertModel(config, add_pooling_layer=False)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def init_like_bert(module: nn.Module, std: float) -> None:

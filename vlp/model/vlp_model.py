@@ -56,6 +56,8 @@ class VLPModel(nn.Module):
                                    loss_cfg.filip_precision)
         self.itm_head = nn.Linear(self.text.width, 2) if len(self.text.fusion) else None
         self.itm_global_negatives = loss_cfg.itm_global_negatives
+        self.itm_negatives_warmup = loss_cfg.itm_hard_negatives_warmup
+        self.itm_hardness = 1.0  # set per step by the trainer (set_training_step)
         self.decoder = (CaptionDecoder(self.text, self.vision.width, model_cfg.decoder.share_weights)
                         if model_cfg.decoder.enabled else None)
         self.max_new_tokens = model_cfg.decoder.max_new_tokens
@@ -70,6 +72,11 @@ class VLPModel(nn.Module):
         self.text.grad_checkpointing = enable
         if self.decoder is not None:
             self.decoder.grad_checkpointing = enable
+
+    def set_training_step(self, step: int) -> None:
+        """The trainer calls this before each step: ITM negative hardness follows the step."""
+        warmup = self.itm_negatives_warmup
+        self.itm_hardness = 1.0 if warmup <= 0 else min(1.0, step / warmup)
 
     @property
     def has_filip(self) -> bool:
@@ -258,7 +265,7 @@ class VLPModel(nn.Module):
         else:
             all_images, all_texts, all_mask, all_ids = image_states, text_states, attention_mask, image_id
             all_image_emb, all_text_emb = image_emb, text_emb
-        scale = self.itc.scale().detach()
+        scale = self.itc.scale().detach() * self.itm_hardness
         same = image_id[:, None] == all_ids[None, :]  # [b, B]: the positive and duplicates
         neg_text, text_ok = sample_hard_negatives(scale * image_emb @ all_text_emb.t(), same)
         neg_image, image_ok = sample_hard_negatives(scale * text_emb @ all_image_emb.t(), same)

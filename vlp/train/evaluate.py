@@ -26,7 +26,7 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
                   rank: int, world_size: int) -> dict[str, Any]:
     """One pass: global and token embeddings, fusion image states, and val losses."""
     parts: dict[str, list] = {k: [] for k in ("img", "txt", "img_tok", "txt_tok",
-                                              "states", "ids", "mask", "owner")}
+                                              "states", "txt_states", "mask", "owner")}
     loss_sums: dict[str, float] = {}
     loss_rows = n_images = 0
     for batch in batches:
@@ -40,8 +40,9 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
             parts["img_tok"].append(model.encode_image_tokens(None, image_states=states))
             parts["txt_tok"].append(model.encode_text_tokens(ids, mask, text_states=text_states))
         if model.has_itm:
+            # ITM rerank runs only the fusion layers per (text, image) pair.
             parts["states"].append(states)
-        parts["ids"].append(ids)
+            parts["txt_states"].append(text_states)
         parts["mask"].append(mask)
         parts["owner"].append(batch["text_image_index"] + n_images)
         rows = _val_loss(model, batch, images, ids, mask, rank, world_size, loss_sums)
@@ -100,7 +101,8 @@ def itm_rerank(model, itc: torch.Tensor, emb: dict[str, Any], k: int, batch_size
         mask = emb["mask"][t]
         length = max(1, int(mask.sum(1).max()))  # all-pad columns only cost time
         scores[start:start + batch_size] = model.itm_scores(
-            emb["ids"][t][:, :length], mask[:, :length], image_states=emb["states"][i]).float().cpu()
+            None, mask[:, :length], image_states=emb["states"][i],
+            text_states=emb["txt_states"][t][:, :length]).float().cpu()
     i2t = itc.clone()
     rows = torch.arange(n_img).repeat_interleave(k_t)
     i2t[rows, top_txt.reshape(-1)] += RERANK_OFFSET + scores[:n_img * k_t]

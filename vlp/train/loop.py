@@ -188,6 +188,7 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         skipped: dict[str, int] = {}
         samples = 0
+        self.engine.module.set_training_step(self.state["step"])
         for micro in range(self.cfg.train.grad_accum):
             fetch = time.perf_counter()
             try:
