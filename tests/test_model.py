@@ -131,6 +131,30 @@ def test_duplicate_images_in_a_batch_are_never_negatives():
     assert out["itm_acc"].item() in (0.0, 1.0)  # only the 3 positives count
 
 
+def test_lm_batch_fraction_captions_part_of_the_training_batch_and_all_of_the_val_batch():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(itc=0.0, filip=0.0, itm=0.0, lm=1.0, lm_batch_fraction=0.5))
+    rows = []
+    model.decoder.layers[0].register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    batch = tiny_batch(b=5)
+    torch.manual_seed(1)  # same dropout draws for the same decoder shapes
+    part = model(batch)["lm"]
+    assert rows == [3]  # ceil(0.5 * 5)
+    # The loss is exactly the one of the first three pairs alone.
+    model.lm_batch_fraction = 1.0
+    torch.manual_seed(1)
+    alone = model({k: v[:3] for k, v in batch.items()})["lm"]
+    torch.testing.assert_close(part, alone)
+    model.lm_batch_fraction = 0.5
+    model.eval()
+    rows.clear()
+    model(batch)
+    assert rows == [5]  # evaluation captions every pair
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="lm_batch_fraction"):
+            build_model(tiny_cfg(lm_batch_fraction=bad))
+
+
 @pytest.mark.parametrize("step, hardness", [(0, 0.0), (5, 0.5), (10, 1.0), (50, 1.0)])
 def test_itm_negatives_warm_up_from_uniform_to_hard(monkeypatch, step, hardness):
     import vlp.model.vlp_model as vlp_model

@@ -6,6 +6,8 @@ retrieval, zero-shot and captioning rooms use.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,9 @@ def check_model_config(model_cfg: ModelConfig, loss_cfg: LossConfig) -> None:
                           "or loss.itm: 0")
     if loss_cfg.lm > 0 and not model_cfg.decoder.enabled:
         raise ConfigError("loss.lm > 0 needs the decoder: set model.decoder.enabled: true or loss.lm: 0")
+    if not 0 < loss_cfg.lm_batch_fraction <= 1:
+        raise ConfigError(f"config key 'loss.lm_batch_fraction' must be in (0, 1], "
+                          f"got {loss_cfg.lm_batch_fraction}")
     if not any(getattr(loss_cfg, name) > 0 for name in OBJECTIVES):
         raise ConfigError("every loss weight is 0: enable at least one of loss.itc/filip/itm/lm")
 
@@ -62,6 +67,7 @@ class VLPModel(nn.Module):
                         if model_cfg.decoder.enabled else None)
         self.max_new_tokens = model_cfg.decoder.max_new_tokens
         self.label_smoothing = loss_cfg.label_smoothing
+        self.lm_batch_fraction = loss_cfg.lm_batch_fraction
         self.weighting = LossWeighting(self.weights, loss_cfg.weighting)
         self.tokenizer = None  # set by build_model / load_model_dir when one is available
         self.set_grad_checkpointing(model_cfg.grad_checkpointing)
@@ -242,7 +248,12 @@ class VLPModel(nn.Module):
             record("itm", self._itm(image_states, text_states, attention_mask,
                                     image_emb.detach(), text_emb.detach(), batch["image_id"]))
         if w["lm"]:
-            hidden = self.decoder.hidden(input_ids, attention_mask, image_states)
+            # Training may caption a part of the batch; the val loss always covers all of it.
+            fraction = self.lm_batch_fraction if self.training else 1.0
+            n = max(1, math.ceil(fraction * input_ids.shape[0]))
+            length = max(int(attention_mask[:n].sum(1).max()), 1)
+            input_ids, attention_mask = input_ids[:n, :length], attention_mask[:n, :length]
+            hidden = self.decoder.hidden(input_ids, attention_mask, image_states[:n])
             targets = lm_targets(input_ids, attention_mask)
             scored = targets != IGNORE  # the vocab projection only where a token is predicted
             record("lm", caption_loss(self.decoder.logits(hidden[scored]), targets[scored],
