@@ -184,6 +184,24 @@ def test_without_warmup_itm_negatives_are_hard_from_the_first_step():
     assert model.itm_hardness == 1.0
 
 
+def test_eval_itm_rerank_from_text_states_equals_the_models_itm_scores():
+    from vlp.train.evaluate import RERANK_OFFSET, itm_rerank
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    batch = tiny_batch(b=5)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        states = model.encode_image_states(batch["image"])
+        emb = {"states": states, "mask": mask, "txt_states": model.encode_text_states(ids, mask)}
+        itc = torch.rand(5, 5)
+        i2t, t2i = itm_rerank(model, itc, emb, k=2, batch_size=3)
+        for (i, t) in (i2t >= RERANK_OFFSET).nonzero().tolist():
+            want = model.itm_scores(ids[t:t + 1], mask[t:t + 1], image_states=states[i:i + 1])
+            assert i2t[i, t] - RERANK_OFFSET - itc[i, t] == pytest.approx(want.item(), abs=1e-5)
+        assert (t2i >= RERANK_OFFSET).sum() == 10
+
+
 # ------------------------------------------------------------------ scoring API
 
 def test_scoring_api_shapes_and_normalization():

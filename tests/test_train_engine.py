@@ -97,8 +97,8 @@ def test_checkpoint_lookup_ignores_unfinished_saves(tmp_path):
 class Matcher:
     """itm_scores stand-in: matches text i to image i//2 with probability 1."""
 
-    def itm_scores(self, input_ids, attention_mask, image_states=None):
-        return (input_ids[:, 0] // 2 == image_states[:, 0, 0].long()).float()
+    def itm_scores(self, input_ids, attention_mask, image_states=None, text_states=None):
+        return (text_states[:, 0, 0].long() // 2 == image_states[:, 0, 0].long()).float()
 
 
 def test_itm_rerank_reorders_only_the_itc_top_k():
@@ -106,7 +106,8 @@ def test_itm_rerank_reorders_only_the_itc_top_k():
     owner = torch.arange(n_txt) // 2
     itc = torch.rand(n_img, n_txt) * 0.5
     itc[owner[3], 3] = -0.9   # text 3's true image is far outside its ITC top-2
-    emb = {"ids": torch.arange(n_txt)[:, None].repeat(1, 3), "mask": torch.ones(n_txt, 3, dtype=torch.long),
+    emb = {"txt_states": torch.arange(n_txt).float()[:, None, None].repeat(1, 3, 1),
+           "mask": torch.ones(n_txt, 3, dtype=torch.long),
            "states": torch.arange(n_img).float()[:, None, None].repeat(1, 2, 1)}
     i2t, t2i = itm_rerank(Matcher(), itc, emb, k=2, batch_size=5)
     top_img = itc.t().topk(2, dim=1).indices
