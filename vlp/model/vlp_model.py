@@ -41,6 +41,13 @@ def check_model_config(model_cfg: ModelConfig, loss_cfg: LossConfig) -> None:
         raise ConfigError("every loss weight is 0: enable at least one of loss.itc/filip/itm/lm")
 
 
+def trim_padding(tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops the token positions (dim 1 of `tokens`: ids or states) that are padding in every
+    row: captions come padded to data.max_len, and those positions only cost time."""
+    length = max(int(attention_mask.sum(1).max()), 1)
+    return tokens[:, :length], attention_mask[:, :length]
+
+
 class VLPModel(nn.Module):
     def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig):
         super().__init__()
@@ -61,7 +68,7 @@ class VLPModel(nn.Module):
                                    loss_cfg.filip_precision)
         self.itm_head = nn.Linear(self.text.width, 2) if len(self.text.fusion) else None
         self.itm_global_negatives = loss_cfg.itm_global_negatives
-        self.itm_negatives_warmup = loss_cfg.itm_hard_negatives_warmup
+        self.itm_hard_negatives_warmup = loss_cfg.itm_hard_negatives_warmup
         self.itm_hardness = 1.0  # set per step by the trainer (set_training_step)
         self.decoder = (CaptionDecoder(self.text, self.vision.width, model_cfg.decoder.share_weights)
                         if model_cfg.decoder.enabled else None)
@@ -81,7 +88,7 @@ class VLPModel(nn.Module):
 
     def set_training_step(self, step: int) -> None:
         """The trainer calls this before each step: ITM negative hardness follows the step."""
-        warmup = self.itm_negatives_warmup
+        warmup = self.itm_hard_negatives_warmup
         self.itm_hardness = 1.0 if warmup <= 0 else min(1.0, step / warmup)
 
     @property
@@ -222,9 +229,7 @@ class VLPModel(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         w = self.weights
-        # Captions are padded to data.max_len; columns that are pad in every row only cost time.
-        length = max(int(batch["attention_mask"].sum(1).max()), 1)
-        input_ids, attention_mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+        input_ids, attention_mask = trim_padding(batch["input_ids"], batch["attention_mask"])
         image_states = self.vision(batch["image"])
         text_states = self.text.encode(input_ids, attention_mask) if w["itc"] or w["filip"] or w["itm"] else None
         losses, metrics = {}, {}
@@ -251,8 +256,7 @@ class VLPModel(nn.Module):
             # Training may caption a part of the batch; the val loss always covers all of it.
             fraction = self.lm_batch_fraction if self.training else 1.0
             n = max(1, math.ceil(fraction * input_ids.shape[0]))
-            length = max(int(attention_mask[:n].sum(1).max()), 1)
-            input_ids, attention_mask = input_ids[:n, :length], attention_mask[:n, :length]
+            input_ids, attention_mask = trim_padding(input_ids[:n], attention_mask[:n])
             hidden = self.decoder.hidden(input_ids, attention_mask, image_states[:n])
             targets = lm_targets(input_ids, attention_mask)
             scored = targets != IGNORE  # the vocab projection only where a token is predicted

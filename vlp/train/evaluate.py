@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import torch
 
 from vlp.metrics import retrieval_recall
+from vlp.model.vlp_model import trim_padding
 
 METHODS = ("itc", "itm_rerank", "filip")
 # Added to reranked candidates so they rank above every non-candidate (cosine sims <= 1).
@@ -98,11 +99,9 @@ def itm_rerank(model, itc: torch.Tensor, emb: dict[str, Any], k: int, batch_size
     for start in range(0, len(img_of_pair), batch_size):
         i = img_of_pair[start:start + batch_size]
         t = txt_of_pair[start:start + batch_size]
-        mask = emb["mask"][t]
-        length = max(1, int(mask.sum(1).max()))  # all-pad columns only cost time
+        text_states, mask = trim_padding(emb["txt_states"][t], emb["mask"][t])
         scores[start:start + batch_size] = model.itm_scores(
-            None, mask[:, :length], image_states=emb["states"][i],
-            text_states=emb["txt_states"][t][:, :length]).float().cpu()
+            None, mask, image_states=emb["states"][i], text_states=text_states).float().cpu()
     i2t = itc.clone()
     rows = torch.arange(n_img).repeat_interleave(k_t)
     i2t[rows, top_txt.reshape(-1)] += RERANK_OFFSET + scores[:n_img * k_t]
