@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,12 +24,16 @@ from vlp.data.tar import tar_members
 from vlp.metrics import retrieval_recall
 from vlp.model import load_model_dir
 
-SKIN_TONES = {"U+1F3FB", "U+1F3FC", "U+1F3FD", "U+1F3FE", "U+1F3FF"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_demo_shards import SKIN_TONES  # noqa: E402  (the tool that built the split)
+
+# What base_emoji drops, in the json's "U+XXXX" spelling; FE0F is the variation selector.
+NOT_BASE = {f"U+{cp:04X}" for cp in SKIN_TONES | {0xFE0F}}
 
 
 def base_emoji(meta: dict) -> tuple[str, ...]:
     """The emoji without skin-tone modifiers and variation selectors."""
-    return tuple(cp for cp in meta["codepoints"].split() if cp not in SKIN_TONES | {"U+FE0F"})
+    return tuple(cp for cp in meta["codepoints"].split() if cp not in NOT_BASE)
 
 
 def training_bases(spec: str) -> set[tuple[str, ...]]:
