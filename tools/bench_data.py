@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from vlp.config import DataConfig, TextConfig
 from vlp.data import build_tokenizer, expand_spec, train_loader
-from vlp.data.images import IMAGE_EXTENSIONS, Normalize, TrainTransform, decode_image
+from vlp.data.images import IMAGE_EXTENSIONS, Normalize, TrainTransform, decode_image, to_uint8_tensor
 from vlp.data.writer import ShardWriter, write_sizes
 
 COLORS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
@@ -109,7 +109,8 @@ def raw_rate(images: list[bytes], cfg: DataConfig) -> tuple[float, float]:
     transform, normalize, rng = TrainTransform(cfg), Normalize(cfg), random.Random(0)
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(images), cfg.batch_size):
-        chunk = [transform(decode_image(b, transform.min_side), rng) for b in images[i:i + cfg.batch_size]]
+        chunk = [to_uint8_tensor(transform(decode_image(b, transform.min_side), rng))
+                 for b in images[i:i + cfg.batch_size]]
         normalize(torch.stack(chunk))
     return len(images) / (time.perf_counter() - start), len(images) / (time.process_time() - cpu)
 

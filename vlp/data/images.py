@@ -1,8 +1,9 @@
 """Image decoding and transforms.
 
-Transforms work on PIL images and return uint8 CHW tensors; normalization (constants from
-the config) happens once per batch, which is cheaper than per image and keeps worker→main
-traffic small until the last step.
+Transforms map a PIL image to the model's square input size as a PIL image; the loader
+writes the pixels straight into its uint8 batch. Normalization (constants from the config)
+happens once per batch, which is cheaper than per image and keeps worker→main traffic
+small until the last step.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def center_box(w: int, h: int) -> tuple[int, int, int, int]:
 
 
 class TrainTransform:
-    """Random resized crop (+ horizontal flip only if `data.hflip`), uint8 CHW output."""
+    """Random resized crop (+ horizontal flip only if `data.hflip`)."""
 
     def __init__(self, cfg: DataConfig):
         self.size = cfg.image_size
@@ -83,24 +84,23 @@ class TrainTransform:
         # Decode large enough that the smallest crop still has `size` px.
         self.min_side = math.ceil(self.size / math.sqrt(self.scale[0]))
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
         box = random_resized_box(*img.size, self.scale, rng)
         img = img.resize((self.size, self.size), _RESAMPLE, box=box)
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_uint8_tensor(img)
+        return img
 
 
 class EvalTransform:
-    """Resize the shorter side to `image_size`, center crop; uint8 CHW output."""
+    """Resize the shorter side to `image_size`, center crop."""
 
     def __init__(self, cfg: DataConfig):
         self.size = cfg.image_size
         self.min_side = self.size
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        box = center_box(*img.size)
-        return to_uint8_tensor(img.resize((self.size, self.size), _RESAMPLE, box=box))
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        return img.resize((self.size, self.size), _RESAMPLE, box=center_box(*img.size))
 
 
 class Normalize:
@@ -120,7 +120,7 @@ def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
     resize, normalize = EvalTransform(cfg), Normalize(cfg)
 
     def transform(img: Image.Image) -> torch.Tensor:
-        return normalize(resize(img.convert("RGB")))
+        return normalize(to_uint8_tensor(resize(img.convert("RGB"))))
 
     return transform
 
@@ -135,4 +135,4 @@ def load_image(path: str | Path, cfg: DataConfig) -> torch.Tensor:
         img = decode_image(path.read_bytes(), cfg.image_size)
     except Exception as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
-    return Normalize(cfg)(EvalTransform(cfg)(img))
+    return Normalize(cfg)(to_uint8_tensor(EvalTransform(cfg)(img)))

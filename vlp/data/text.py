@@ -40,30 +40,34 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tenso
 
 
 class BatchTokenizer:
-    """`tokenize(tokenizer, ·, max_len)` for the loader's hot path. A fast (Rust) tokenizer
-    is called directly with padding and truncation set once, skipping the Python-side
-    bookkeeping of `tokenizer(...)` (~40% of its time); the ids and masks are identical."""
+    """`tokenize(tokenizer, ·, max_len)` for the loader's hot path, as numpy int64 arrays
+    (the loader pickles them by value to the main process). A fast (Rust) tokenizer is
+    called directly with truncation set once, skipping the Python-side bookkeeping of
+    `tokenizer(...)` (~40% of its time), and the padding is done here, in numpy, instead of
+    as padded token lists; the ids and masks are identical."""
 
     def __init__(self, tokenizer, max_len: int):
         self.tokenizer, self.max_len, self.backend = tokenizer, max_len, None
         if getattr(tokenizer, "is_fast", False) and tokenizer.pad_token is not None:
             from tokenizers import Tokenizer
 
-            # A private copy: setting padding on the shared backend would change `tokenizer`.
+            # A private copy: setting truncation on the shared backend would change `tokenizer`.
             self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
             self.backend.enable_truncation(max_length=max_len)
-            self.backend.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id,
-                                        pad_token=tokenizer.pad_token)
+            self.backend.no_padding()
+            self.pad_id = tokenizer.pad_token_id
+            self.pad_left = tokenizer.padding_side == "left"
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         if self.backend is None:
-            return tokenize(self.tokenizer, texts, self.max_len)
-        # The "fast" batch call skips character offsets, which we never read (-25%); lists
-        # of lists become arrays faster through numpy than through torch.tensor (3x).
+            return {name: ids.numpy() for name, ids in tokenize(self.tokenizer, texts, self.max_len).items()}
+        # The "fast" batch call skips character offsets, which we never read (-25%).
         encodings = self.backend.encode_batch_fast(list(texts))
-        return {"input_ids": _int64([e.ids for e in encodings]),
-                "attention_mask": _int64([e.attention_mask for e in encodings])}
-
-
-def _int64(rows: list[list[int]]) -> torch.Tensor:
-    return torch.from_numpy(np.array(rows, dtype=np.int64))
+        ids = np.full((len(encodings), self.max_len), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), self.max_len), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            tokens = encoding.ids
+            span = slice(self.max_len - len(tokens), None) if self.pad_left else slice(len(tokens))
+            ids[row, span] = tokens
+            mask[row, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
