@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quickstart demo, end to end on the embedded emoji shards (shards/demo/):
-#   pretrain → retrieval index → search → zero-shot classification.
+#   data loader throughput → pretrain → retrieval index → search → zero-shot classification.
 # Each step is the command a user would type; run from the repository root with the
 # project's virtualenv on PATH (the README's first command does both).
 set -euo pipefail
@@ -11,18 +11,21 @@ all="shards/demo/train-{000000..000007}.tar::$val"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1/4 pretrain (configs/demo.yaml; prints the held-out retrieval table at the end)"
+step "1/5 data loader throughput on the demo shards vs a plain decode loop (docs/benchmarks.md)"
+python tools/bench_data.py --generated 0 --quick
+
+step "2/5 pretrain (configs/demo.yaml; prints the held-out retrieval table at the end)"
 deepspeed pipelines/pretrain.py output_dir="$out"
 
-step "2/4 build a FAISS index over every demo image"
+step "3/5 build a FAISS index over every demo image"
 python pipelines/build_index.py --model "$out/model" --shards "$all" --out "$out/index"
 
 # Plain ITC search. --rerank itm|filip reorders the top candidates by index score + rerank
 # score; on the demo's val split neither rerank beats ITC yet (docs/training.md).
-step "3/4 search: text → image, top 5"
+step "4/5 search: text → image, top 5"
 python pipelines/search.py --index "$out/index" --text "a red apple" -k 5
 
-step "4/4 zero-shot: emoji group of each held-out image"
+step "5/5 zero-shot: emoji group of each held-out image"
 python pipelines/zeroshot.py --model "$out/model" --images "$val" --label-field group \
     --classes configs/demo_classes.txt --out "$out/zeroshot"
 
