@@ -284,8 +284,7 @@ class _Batch:
                     continue
                 pixels[len(kept)] = np.asarray(self.transform(img, rng)).transpose(2, 0, 1)
                 kept.append(sample)
-        if kept:
-            self.ctx.shards_without_sample = 0
+                self.ctx.shards_without_sample = 0
         return images[:len(kept)], kept
 
     def collate(self, images: torch.Tensor, samples: list[dict], rng: random.Random) -> dict[str, Any]:
