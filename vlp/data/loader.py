@@ -217,7 +217,7 @@ class _Parse:
             parsed = parse_sample(sample, self.ctx.skips)
             if parsed is not None:
                 image, captions, meta = parsed
-                yield {"key": sample["__key__"], "url": sample.get("__url__", "?"), "image": image,
+                yield {"key": sample["__key__"], "url": sample["__url__"], "image": image,
                        "captions": captions, "meta": meta}
 
 
