@@ -287,6 +287,25 @@ def test_training_survives_corrupt_shards(tmp_path):
     assert len(batches) == 10 and set(skipped) == set(EXPECTED_SKIPS)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_is_replaced_and_images_stay_with_their_keys(tmp_path, workers):
+    """Decoding fills a batch in place: a sample after an undecodable one takes its slot,
+    and every image must still be the one of the key beside it."""
+    samples = []
+    for i in range(10):
+        samples.append({"__key__": f"s{i:05d}", "jpg": jpeg((25 * i, 100, 50)), "txt": "x"})
+        if i % 3 == 0:
+            samples.append({"__key__": f"bad{i}", "jpg": b"\xff\xd8 not a jpeg", "txt": "x"})
+    spec = write_shards(tmp_path, "val", samples, maxcount=100)
+    cfg = cfg_for(val=spec, eval_batch_size=3, workers=workers, mean=[0, 0, 0], std=[1, 1, 1])
+    keys, skipped, batches = run_eval(cfg)
+    assert [len(b["key"]) for b in batches] == [3, 3, 3, 1] and skipped == {"bad_image": 4}
+    for b in batches:
+        for key, image in zip(b["key"], b["image"]):
+            red = 25 * int(key[1:]) / 255
+            assert abs(image[0].mean().item() - red) < 0.03, key
+
+
 def test_training_on_nothing_usable_fails_loudly(tmp_path):
     spec = write_shards(tmp_path, "train", corrupt_samples()[1:8], maxcount=100)
     with pytest.raises(RuntimeError, match="no usable sample in the last 108 shards"):
