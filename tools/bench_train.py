@@ -3,9 +3,13 @@ as ratios to ITC-only bf16 on one rank measured in the same run. Every setting i
 `pipelines/pretrain.py` run on the demo shards (data loading included), timed over the
 steps after a warm-up.
 
-    python tools/bench_train.py                       # all settings
+    python tools/bench_train.py                       # all CPU settings
     python tools/bench_train.py --only itc all all-fp32 --steps 6
     python tools/bench_train.py --openclip-python .bench/openclip-venv/bin/python
+    # On a GPU: the ALBEF-sized model, random init, precision / checkpointing / ZeRO rows
+    python tools/bench_train.py --config configs/base.yaml --batch 64 \
+        --only itc all all-fp16 all-no-ckpt all-zero0 all-zero1 all-zero3 \
+        --set model.text.tokenizer=TOKENIZER_DIR data.workers=8
 
 open_clip (PyPI open-clip-torch, in its own virtualenv: its trainer needs webdataset<=0.2.86)
 trains ITC only on the same shards with towers matched to configs/demo.yaml, at bf16 and fp32
@@ -40,15 +44,21 @@ SETTINGS = {
     "all-fp32": (1, ALL + ["train.precision=fp32"]),
     "all-2ranks": (2, ALL),
     "itc-2ranks": (2, ITC_ONLY),
+    # GPU only (fp16 is refused on CPU); the config's own checkpointing / ZeRO stage otherwise.
+    "all-fp16": (1, ALL + ["train.precision=fp16"]),
+    "all-no-ckpt": (1, ALL + ["model.grad_checkpointing=false"]),
+    **{f"all-zero{stage}": (1, ALL + [f"train.zero_stage={stage}"]) for stage in range(4)},
 }
+CPU_DEFAULT = ["itc", "itc+filip", "itc+filip+itm", "all", "all-demo", "all+ckpt", "itc-fp32", "all-fp32",
+               "all-2ranks", "itc-2ranks"]
 
 
 def run_setting(name: str, ranks: int, overrides: list[str], warmup: int, steps: int, batch: int,
-                work: Path) -> dict:
+                work: Path, config: Path, extra: list[str]) -> dict:
     out = work / name
-    args = ["--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}", "data.val=",
+    args = ["--config", str(config), f"output_dir={out}", "data.val=",
             f"train.steps={warmup + steps}", "train.log_every=1", "train.checkpoint_every=0",
-            f"train.warmup_steps={warmup}", f"data.batch_size={batch}", *overrides]
+            f"train.warmup_steps={warmup}", f"data.batch_size={batch}", *extra, *overrides]
     script = str(REPO / "pipelines/pretrain.py")
     if ranks == 1:
         cmd = [sys.executable, script, *args]
@@ -112,18 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch size")
     parser.add_argument("--openclip-python", help="python of a virtualenv with open-clip-torch installed")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--config", type=Path, default=REPO / "configs/demo.yaml", help="config of every run")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run (e.g. a tokenizer directory, data.workers)")
     args = parser.parse_args(argv)
-    names = args.only or list(SETTINGS)
+    names = args.only or CPU_DEFAULT
     if "itc" not in names:
         names.insert(0, "itc")  # the baseline every ratio refers to
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         # Thrown away: whichever setting runs first pays one-time costs (page cache, loading
         # DeepSpeed's ops) and came out 15-25% slow, which skewed every ratio to it.
-        run_setting(names[0], *SETTINGS[names[0]], args.warmup, args.steps, args.batch, Path(tmp) / "throwaway")
+        common = (args.warmup, args.steps, args.batch)
+        run_setting(names[0], *SETTINGS[names[0]], *common, Path(tmp) / "throwaway", args.config, args.set)
         for name in names:
             ranks, overrides = SETTINGS[name]
-            results.append(run_setting(name, ranks, overrides, args.warmup, args.steps, args.batch, Path(tmp)))
+            results.append(run_setting(name, ranks, overrides, *common, Path(tmp), args.config, args.set))
             print(json.dumps(results[-1]), flush=True)
         if args.openclip_python:
             for precision in ("bf16", "fp32"):
@@ -135,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(json.dumps(results[-1]), flush=True)
     base = next(r for r in results if r["setting"] == "itc")["samples_per_s"]
-    print("\n| setting | ranks | samples/s | × ITC-only bf16 | peak RSS (MB) | data wait |")
+    # pretrain.py logs peak RSS on CPU and peak CUDA memory allocated on a GPU.
+    print("\n| setting | ranks | samples/s | × ITC-only bf16 | peak memory (MB) | data wait |")
     print("|---|---|---|---|---|---|")
     for r in results:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] else "–"

@@ -229,7 +229,10 @@ class Trainer:
         """Average the window over ranks, add up skips, write one metrics line."""
         meter = self.meter
         names = sorted(meter.terms)
-        values = torch.stack([torch.as_tensor(meter.terms[n], dtype=torch.float32) for n in names]).to(self.world.device) / max(1, meter.steps)
+        # Terms may sit on different devices: DeepSpeed's fp16 optimizer returns the grad norm
+        # as a Python float, its bf16 one as a tensor on the GPU.
+        values = torch.stack([torch.as_tensor(meter.terms[n], dtype=torch.float32).to(self.world.device)
+                              for n in names]) / max(1, meter.steps)
         skipped: list[dict[str, int]] = [meter.skipped]
         if self.world.world_size > 1:
             dist.all_reduce(values)
