@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -333,6 +334,20 @@ def test_batch_tokenizer_matches_tokenize(tokenizer):
         tokenizer.padding_side = "right"
     assert (left["input_ids"] == reference["input_ids"].numpy()).all()
     assert (left["attention_mask"] == reference["attention_mask"].numpy()).all()
+
+
+@pytest.mark.parametrize("before", [None, "true"])
+def test_batch_tokenizer_restores_the_parallelism_switch(tokenizer, monkeypatch, before):
+    """It tokenizes single-threaded (an environment variable `tokenizers` reads per call)
+    and leaves the variable as it found it."""
+    from vlp.data.text import BatchTokenizer
+
+    if before is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
+    BatchTokenizer(tokenizer, 8)(["a red apple", "flag: Germany"])
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == before
 
 
 def test_reads_tars_from_other_writers(tmp_path):

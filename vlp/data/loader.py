@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
 import random
 from typing import Any, Iterator
 
@@ -353,18 +352,11 @@ def _web_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
     # instead of the default conversion, which would turn the numpy arrays into shared tensors.
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
                          persistent_workers=False, prefetch_factor=2 if workers > 0 else None,
-                         multiprocessing_context=context, collate_fn=_as_is,
-                         worker_init_fn=_single_threaded_tokenizer)
+                         multiprocessing_context=context, collate_fn=_as_is)
 
 
 def _as_is(batch: dict) -> dict:
     return batch
-
-
-def _single_threaded_tokenizer(worker_id: int) -> None:
-    # The workers are the parallelism (torch likewise gives each one thread): a Rust thread
-    # pool per worker would only contend for the same cores. Read by `tokenizers` per call.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
