@@ -443,6 +443,23 @@ def test_incomplete_model_dir_names_the_missing_file(tmp_path, missing):
         load_model_dir(tmp_path / "model")
 
 
+def test_uint8_images_are_normalized_with_the_data_configs_constants():
+    """Loader batches carry uint8 pixels; the vision tower normalizes them with the config's
+    mean/std, exactly as a caller normalizing floats itself would."""
+    from vlp.data.images import Normalize
+
+    cfg = tiny_cfg()
+    cfg.data.mean, cfg.data.std = [0.2, 0.5, 0.7], [0.3, 0.25, 0.1]
+    model = build_model(cfg).eval()
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        from_uint8 = model.encode_image(pixels)
+        from_floats = model.encode_image(Normalize(cfg.data)(pixels))
+        from_other_constants = model.encode_image(Normalize(tiny_cfg().data)(pixels))
+    assert torch.equal(from_uint8, from_floats)
+    assert not torch.allclose(from_uint8, from_other_constants)
+
+
 def test_vision_tower_by_timm_name_and_from_a_local_weights_file(tmp_path):
     from safetensors.torch import save_file
 

@@ -5,10 +5,10 @@
     python tools/bench_data.py --generated 0 --quick # demo shards only (the quickstart)
 
 For each shard set: the *raw* rate is a plain single-threaded loop over the images' bytes
-(already in memory) doing exactly the per-sample work of the loader: decode, random resized
-crop, batch normalization. The *loader* rate is `vlp.data.train_loader` (tar reading,
-shuffle buffer, caption choice, tokenization, batching, worker→main transfer) with 0, 1, 2
-workers. "per worker" = loader rate / (workers × raw rate); 1.0 would mean the pipeline
+(already in memory) doing exactly the per-image work of the loader: decode, random resized
+crop, to uint8 tensor, stacked into batches (the model normalizes them on its device). The
+*loader* rate is `vlp.data.train_loader` (tar reading, shuffle buffer, parsing, caption
+choice, tokenization, batching, worker→main transfer) with 0, 1, 2 workers. "per worker" = loader rate / (workers × raw rate); 1.0 would mean the pipeline
 costs nothing beyond decode + transform. "per CPU-second" compares images per CPU-second
 (main process + workers, from /proc) with the raw loop's: it stays meaningful when other
 work shares the cores. "as many at once": with N >= 2 workers, N raw loops also run side
@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 from vlp.config import DataConfig, TextConfig
 from vlp.data import build_tokenizer, expand_spec, train_loader
-from vlp.data.images import IMAGE_EXTENSIONS, Normalize, TrainTransform, decode_image, to_uint8_tensor
+from vlp.data.images import IMAGE_EXTENSIONS, TrainTransform, decode_image, to_uint8_tensor
 from vlp.data.writer import ShardWriter, write_sizes
 
 COLORS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
@@ -109,12 +109,11 @@ def cpu_seconds_between(before: dict[str, int], after: dict[str, int]) -> float:
 
 def raw_rate(images: list[bytes], cfg: DataConfig) -> tuple[float, float]:
     """(images per wall second, images per CPU second) of the plain loop."""
-    transform, normalize, rng = TrainTransform(cfg), Normalize(cfg), random.Random(0)
+    transform, rng = TrainTransform(cfg), random.Random(0)
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(images), cfg.batch_size):
-        chunk = [to_uint8_tensor(transform(decode_image(b, transform.min_side), rng))
-                 for b in images[i:i + cfg.batch_size]]
-        normalize(torch.stack(chunk))
+        torch.stack([to_uint8_tensor(transform(decode_image(b, transform.min_side), rng))
+                     for b in images[i:i + cfg.batch_size]])
     return len(images) / (time.perf_counter() - start), len(images) / (time.process_time() - cpu)
 
 

@@ -21,7 +21,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from vlp.config import ConfigError, DataConfig
-from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, Normalize, TrainTransform, decode_image
+from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, TrainTransform, decode_image
 from vlp.data.mixgen import mixgen
 from vlp.data.skips import SkipCounter
 from vlp.data.sources import count_samples, expand_spec
@@ -221,19 +221,15 @@ class _Parse:
 
 
 class _ToTensors:
-    """Runs in the main process: batches cross from the workers with images as uint8, 4x
-    less shared memory to allocate and fault in per batch than float32 (the dominant
-    transfer cost), and with the small int64 arrays as numpy, pickled by value: each shared
-    tensor costs a file-descriptor handshake with the worker (~0.7 ms on the demo set)."""
-
-    def __init__(self, cfg: DataConfig):
-        self.normalize = Normalize(cfg)
+    """Runs in the main process. Batches cross from the workers with images as uint8 in
+    shared memory and the small int64 arrays as numpy, pickled by value: each shared tensor
+    costs a file-descriptor handshake with the worker (~0.7 ms on the demo set). Images stay
+    uint8 (the vision tower normalizes them on the model's device)."""
 
     def __call__(self, batch: dict) -> dict:
         for name, value in batch.items():
             if isinstance(value, np.ndarray):
                 batch[name] = torch.from_numpy(value)
-        batch["image"] = self.normalize(batch["image"])
         return batch
 
 
@@ -376,7 +372,7 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, TrainTransform(cfg), train=True),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(_ToTensors(cfg)).with_epoch(num_batches)
+    loader = _web_loader(pipeline, cfg.workers).map(_ToTensors()).with_epoch(num_batches)
     return TrainLoader(loader, ctx, num_batches, num_samples)
 
 
@@ -395,7 +391,7 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, EvalTransform(cfg), train=False),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(_ToTensors(cfg))
+    loader = _web_loader(pipeline, cfg.workers).map(_ToTensors())
     # For progress bars: all ranks together; None when neither sizes.json nor a count is known.
     try:
         loader.num_samples = count_samples(urls, cfg.val_samples if spec is None else None, "data.val_samples")

@@ -38,9 +38,10 @@ def _tokenizer_for(cfg: Config, model: VLPModel):
 
 
 def build_model(cfg: Config) -> VLPModel:
-    """The model described by `cfg.model` and `cfg.loss`, with `model.tokenizer` attached
-    when the config names a tokenizer or a pretrained text directory."""
-    model = VLPModel(cfg.model, cfg.loss)
+    """The model described by `cfg.model` and `cfg.loss` (and `cfg.data`'s pixel mean/std,
+    for uint8 images), with `model.tokenizer` attached when the config names a tokenizer or
+    a pretrained text directory."""
+    model = VLPModel(cfg.model, cfg.loss, cfg.data)
     model.tokenizer = _tokenizer_for(cfg, model)
     return model
 

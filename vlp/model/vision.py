@@ -7,14 +7,19 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from vlp.assets import resolve_local_file
-from vlp.config import VisionConfig
+from vlp.config import DataConfig, VisionConfig
+from vlp.data.images import Normalize
 
 
 class VisionTower(nn.Module):
-    """forward(images) -> token states `[B, 1 + N, width]` (CLS first, after the final norm)."""
+    """forward(images) -> token states `[B, 1 + N, width]` (CLS first, after the final norm).
+    `images`: uint8 pixels as the loaders deliver them, normalized here with `normalize`
+    (the data config's constants) on the model's device, or floats already normalized
+    (`vlp.data.eval_transform`, `load_image`)."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, normalize: Normalize | None = None):
         super().__init__()
+        self.normalize = normalize or Normalize(DataConfig())
         if cfg.timm_name:
             if not timm.is_model(cfg.timm_name):
                 raise ValueError(f"model.vision.timm_name: unknown timm model '{cfg.timm_name}'")
@@ -45,5 +50,7 @@ class VisionTower(nn.Module):
         self.vit.set_grad_checkpointing(enable)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # DeepSpeed bf16 keeps the weights in bf16 but hands us fp32 images.
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        # DeepSpeed bf16 keeps the weights in bf16; images arrive in float32.
         return self.vit.forward_features(images.to(self.vit.patch_embed.proj.weight.dtype))

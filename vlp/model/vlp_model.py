@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.config import ConfigError, LossConfig, ModelConfig
+from vlp.config import ConfigError, DataConfig, LossConfig, ModelConfig
+from vlp.data.images import Normalize
 from vlp.losses import (IGNORE, ContrastiveLoss, FilipLoss, LossWeighting, caption_loss, itm_loss,
                         lm_targets, sample_hard_negatives)
 from vlp.losses.distributed import gather_no_grad, gather_with_grad, max_over_ranks, world
@@ -49,11 +50,12 @@ def trim_padding(tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[to
 
 
 class VLPModel(nn.Module):
-    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig):
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig | None = None):
         super().__init__()
         check_model_config(model_cfg, loss_cfg)
         self.weights = {name: float(getattr(loss_cfg, name)) for name in OBJECTIVES}
-        self.vision = VisionTower(model_cfg.vision)
+        # The data config's normalization constants: uint8 batches are normalized on the device.
+        self.vision = VisionTower(model_cfg.vision, Normalize(data_cfg or DataConfig()))
         self.text = TextTower(model_cfg.text, self.vision.width)
         self.image_proj = nn.Linear(self.vision.width, model_cfg.embed_dim)
         self.text_proj = nn.Linear(self.text.width, model_cfg.embed_dim)
