@@ -8,8 +8,9 @@ For each shard set: the *raw* rate is a plain single-threaded loop over the imag
 (already in memory) doing exactly the per-image work of the loader: decode, random resized
 crop, to uint8 tensor, stacked into batches (the model normalizes them on its device). The
 *loader* rate is `vlp.data.train_loader` (tar reading, shuffle buffer, parsing, caption
-choice, tokenization, batching, worker→main transfer) with 0, 1, 2 workers. "per worker" = loader rate / (workers × raw rate); 1.0 would mean the pipeline
-costs nothing beyond decode + transform. "per CPU-second" compares images per CPU-second
+choice, tokenization, batching, worker→main transfer) with 0, 1, 2 workers. "per worker"
+= loader rate / (workers × raw rate); 1.0 would mean the pipeline costs nothing beyond
+decode + transform. "per CPU-second" compares images per CPU-second
 (main process + workers, from /proc) with the raw loop's: it stays meaningful when other
 work shares the cores. "as many at once": with N >= 2 workers, N raw loops also run side
 by side, and their mean rate is the baseline a worker can hope for while N cores are busy

@@ -76,6 +76,9 @@ class BatchTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
+_PARALLELISM = "TOKENIZERS_PARALLELISM"
+
+
 @contextmanager
 def _single_threaded_tokenizers():
     """`tokenizers` spreads a batch over a thread pool of every core, which for a loader
@@ -92,5 +95,3 @@ def _single_threaded_tokenizers():
         else:
             os.environ[_PARALLELISM] = before
 
-
-_PARALLELISM = "TOKENIZERS_PARALLELISM"
