@@ -120,7 +120,7 @@ class Normalize:
 
 
 def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image → normalized float tensor [3, S, S], exactly as the eval loader sees it."""
+    """PIL image → normalized float tensor [3, S, S]: what the model makes of an eval-loader image."""
     resize, normalize = EvalTransform(cfg), Normalize(cfg)
 
     def transform(img: Image.Image) -> torch.Tensor:
