@@ -139,4 +139,4 @@ def load_image(path: str | Path, cfg: DataConfig) -> torch.Tensor:
         img = decode_image(path.read_bytes(), cfg.image_size)
     except Exception as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
-    return Normalize(cfg)(to_uint8_tensor(EvalTransform(cfg)(img)))
+    return eval_transform(cfg)(img)

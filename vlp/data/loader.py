@@ -220,17 +220,15 @@ class _Parse:
                        "captions": captions, "meta": meta}
 
 
-class _ToTensors:
+def _to_tensors(batch: dict) -> dict:
     """Runs in the main process. Batches cross from the workers with images as uint8 in
     shared memory and the small int64 arrays as numpy, pickled by value: each shared tensor
     costs a file-descriptor handshake with the worker (~0.7 ms on the demo set). Images stay
     uint8 (the vision tower normalizes them on the model's device)."""
-
-    def __call__(self, batch: dict) -> dict:
-        for name, value in batch.items():
-            if isinstance(value, np.ndarray):
-                batch[name] = torch.from_numpy(value)
-        return batch
+    for name, value in batch.items():
+        if isinstance(value, np.ndarray):
+            batch[name] = torch.from_numpy(value)
+    return batch
 
 
 class _Batch:
@@ -372,7 +370,7 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, TrainTransform(cfg), train=True),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(_ToTensors()).with_epoch(num_batches)
+    loader = _web_loader(pipeline, cfg.workers).map(_to_tensors).with_epoch(num_batches)
     return TrainLoader(loader, ctx, num_batches, num_samples)
 
 
@@ -391,7 +389,7 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, EvalTransform(cfg), train=False),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(_ToTensors())
+    loader = _web_loader(pipeline, cfg.workers).map(_to_tensors)
     # For progress bars: all ranks together; None when neither sizes.json nor a count is known.
     try:
         loader.num_samples = count_samples(urls, cfg.val_samples if spec is None else None, "data.val_samples")

@@ -55,7 +55,7 @@ class VLPModel(nn.Module):
         check_model_config(model_cfg, loss_cfg)
         self.weights = {name: float(getattr(loss_cfg, name)) for name in OBJECTIVES}
         # The data config's normalization constants: uint8 batches are normalized on the device.
-        self.vision = VisionTower(model_cfg.vision, Normalize(data_cfg or DataConfig()))
+        self.vision = VisionTower(model_cfg.vision, Normalize(data_cfg) if data_cfg else None)
         self.text = TextTower(model_cfg.text, self.vision.width)
         self.image_proj = nn.Linear(self.vision.width, model_cfg.embed_dim)
         self.text_proj = nn.Linear(self.text.width, model_cfg.embed_dim)
