@@ -10,6 +10,7 @@ import torch
 
 from vlp.assets import resolve_local_dir
 from vlp.config import ConfigError, TextConfig
+from vlp.data.wordpiece import AsciiWordPiece
 
 
 def build_tokenizer(text_cfg: TextConfig):
@@ -43,13 +44,14 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tenso
 
 class BatchTokenizer:
     """`tokenize(tokenizer, ·, max_len)` for the loader's hot path, as numpy int64 arrays
-    (the loader pickles them by value to the main process). A fast (Rust) tokenizer is
-    called directly with truncation set once, skipping the Python-side bookkeeping of
-    `tokenizer(...)` (~40% of its time), and the padding is done here, in numpy, instead of
-    as padded token lists; the ids and masks are identical."""
+    (the loader pickles them by value to the main process); the ids and masks are
+    identical. Plain-ASCII text through a BERT WordPiece tokenizer takes `AsciiWordPiece`'s
+    shortcut (6x faster); other text goes to the fast (Rust) tokenizer, called directly
+    with truncation set once, skipping the Python-side bookkeeping of `tokenizer(...)`
+    (~40% of its time). Padding is done here, in numpy, instead of as padded token lists."""
 
     def __init__(self, tokenizer, max_len: int):
-        self.tokenizer, self.max_len, self.backend = tokenizer, max_len, None
+        self.tokenizer, self.max_len, self.backend, self.shortcut = tokenizer, max_len, None, None
         if getattr(tokenizer, "is_fast", False) and tokenizer.pad_token is not None:
             from tokenizers import Tokenizer
 
@@ -59,21 +61,32 @@ class BatchTokenizer:
             self.backend.no_padding()
             self.pad_id = tokenizer.pad_token_id
             self.pad_left = tokenizer.padding_side == "left"
+            self.shortcut = AsciiWordPiece.from_backend(self.backend)
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         if self.backend is None:
             return {name: ids.numpy() for name, ids in tokenize(self.tokenizer, texts, self.max_len).items()}
-        # The "fast" batch call skips character offsets, which we never read (-25%).
-        with _single_threaded_tokenizers():
-            encodings = self.backend.encode_batch_fast(list(texts))
-        ids = np.full((len(encodings), self.max_len), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), self.max_len), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            tokens = encoding.ids
+        rows = self.token_ids(texts)
+        ids = np.full((len(rows), self.max_len), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), self.max_len), dtype=np.int64)
+        for row, tokens in enumerate(rows):
             span = slice(self.max_len - len(tokens), None) if self.pad_left else slice(len(tokens))
             ids[row, span] = tokens
             mask[row, span] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Unpadded ids of each text, truncated to `max_len`."""
+        shortcut, max_len = self.shortcut, self.max_len
+        rows = [shortcut.encode(text, max_len) if shortcut else None for text in texts]
+        rest = [i for i, row in enumerate(rows) if row is None]
+        if rest:
+            # The "fast" batch call skips character offsets, which we never read (-25%).
+            with _single_threaded_tokenizers():
+                encodings = self.backend.encode_batch_fast([texts[i] for i in rest])
+            for i, encoding in zip(rest, encodings):
+                rows[i] = encoding.ids
+        return rows
 
 
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
