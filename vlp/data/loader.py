@@ -6,6 +6,7 @@ batching) runs inside the DataLoader workers; the main process only receives bat
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import itertools
@@ -24,6 +25,7 @@ from vlp.config import ConfigError, DataConfig
 from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, TrainTransform, decode_image
 from vlp.data.mixgen import mixgen
 from vlp.data.skips import SkipCounter
+from vlp.data.slots import BatchSlots, SlotRef
 from vlp.data.sources import count_samples, expand_spec
 from vlp.data.tar import BrokenTar, tar_members
 from vlp.data.text import BatchTokenizer
@@ -42,6 +44,7 @@ class _Context:
         self.epoch = 0  # set in the main process before the workers of an epoch start
         self.skips = SkipCounter()
         self.shards_without_sample = 0
+        self.slots: BatchSlots | None = None  # set in the main process before workers fork
 
     def worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -220,14 +223,16 @@ class _Parse:
                        "captions": captions, "meta": meta}
 
 
-def _to_tensors(batch: dict) -> dict:
-    """Runs in the main process. Batches cross from the workers with images as uint8 in
-    shared memory and the small int64 arrays as numpy, pickled by value: each shared tensor
-    costs a file-descriptor handshake with the worker (~0.7 ms on the demo set). Images stay
-    uint8 (the vision tower normalizes them on the model's device)."""
+def _to_tensors(ctx: _Context, batch: dict) -> dict:
+    """Runs in the main process. Batches cross from the workers with images as uint8 in a
+    batch slot (or, when none was free, a shared tensor) and the small int64 arrays as
+    numpy, pickled by value. Images stay uint8 (the vision tower normalizes them on the
+    model's device)."""
     for name, value in batch.items():
         if isinstance(value, np.ndarray):
             batch[name] = torch.from_numpy(value)
+        elif isinstance(value, SlotRef):
+            batch[name] = ctx.slots.lease(value.index, value.count)
     return batch
 
 
@@ -250,20 +255,34 @@ class _Batch:
         augment_rng, batch_rng = self.ctx.rng("augment"), self.ctx.rng("batch")
         done: dict | None = None
         while True:
-            images, kept = self.decode_batch(samples, augment_rng)
+            slot, images, kept = self.decode_batch(samples, augment_rng)
             if done is not None:
                 done["skipped"] = self.ctx.skips.take()
                 yield done
             if not kept:
+                if slot is not None:
+                    self.ctx.slots.give_back(slot)
                 return
             done = self.collate(images, kept, batch_rng)
+            if slot is not None:
+                if done["image"] is not images:  # MixGen's blend is a new tensor
+                    images.copy_(done["image"])
+                done["image"] = SlotRef(slot, len(kept))
 
-    def decode_batch(self, samples: Iterator[dict], rng: random.Random) -> tuple[torch.Tensor, list[dict]]:
-        """Up to `size` decoded images [n, 3, S, S] uint8 and the samples they came from."""
+    def decode_batch(self, samples: Iterator[dict], rng: random.Random) -> tuple[int | None, torch.Tensor, list[dict]]:
+        """(batch slot or None, up to `size` decoded images [n, 3, S, S] uint8, the samples
+        they came from). In a worker the images are written straight into memory the main
+        process reads: a batch slot if one is free, else a shared tensor."""
         size = self.transform.size
-        images = torch.empty((self.size, 3, size, size), dtype=torch.uint8)
+        slot, images = None, None
         if get_worker_info() is not None:
-            images.share_memory_()  # written in place, carried to the main process as is
+            taken = self.ctx.slots.take() if self.ctx.slots is not None else None
+            if taken is not None:
+                slot, images = taken
+            else:
+                images = torch.empty((self.size, 3, size, size), dtype=torch.uint8).share_memory_()
+        if images is None:
+            images = torch.empty((self.size, 3, size, size), dtype=torch.uint8)
         pixels, kept = images.numpy(), []
         while len(kept) < self.size:
             todo = list(itertools.islice(samples, self.size - len(kept)))
@@ -278,7 +297,7 @@ class _Batch:
                 pixels[len(kept)] = np.asarray(self.transform(img, rng)).transpose(2, 0, 1)
                 kept.append(sample)
                 self.ctx.shards_without_sample = 0
-        return images[:len(kept)], kept
+        return slot, images[:len(kept)], kept
 
     def collate(self, images: torch.Tensor, samples: list[dict], rng: random.Random) -> dict[str, Any]:
         keys = [s["key"] for s in samples]
@@ -303,15 +322,36 @@ class _Batch:
 
 # --------------------------------------------------------------------------- loaders
 
-class TrainLoader:
+_FORK = "fork" in multiprocessing.get_all_start_methods()
+_PREFETCH = 2  # batches each worker has ready or in the making
+# Slots a worker can fill before its oldest comes back: its prefetched batches, the one
+# the consumer holds and the one it held until the next arrived, plus one to spare.
+_SLOTS_PER_WORKER = _PREFETCH + 3
+
+
+class _Loader:
+    """A WebLoader whose every pass gets fresh batch slots for the workers that fork for it
+    (a pass dropped midway can leave slots in flight that never come back)."""
+
+    def __init__(self, loader: wds.WebLoader, ctx: _Context, workers: int, batch_shape: tuple[int, ...]):
+        self.loader, self.ctx, self.workers, self.batch_shape = loader, ctx, workers, batch_shape
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.workers > 0 and _FORK:
+            self.ctx.slots = BatchSlots(self.workers, _SLOTS_PER_WORKER, self.batch_shape)
+        return iter(self.loader)
+
+
+class TrainLoader(_Loader):
     """`WebLoader(...).with_epoch(num_batches)` plus the epoch number the workers seed from.
 
     Every rank yields exactly `len(loader)` batches per epoch. Iterating again starts the
     next epoch (new shard draws, shuffles and crops); `set_epoch(e)` picks one explicitly,
     e.g. when resuming. Workers are not persistent, so each epoch's workers see its number."""
 
-    def __init__(self, loader: wds.WebLoader, ctx: _Context, num_batches: int, num_samples: int):
-        self.loader, self.ctx = loader, ctx
+    def __init__(self, loader: wds.WebLoader, ctx: _Context, cfg: DataConfig, num_batches: int,
+                 num_samples: int):
+        super().__init__(loader, ctx, cfg.workers, _batch_shape(cfg, cfg.batch_size))
         self.num_batches, self.num_samples = num_batches, num_samples
         self.next_epoch = 0
 
@@ -324,7 +364,20 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         self.ctx.epoch = self.next_epoch
         self.next_epoch += 1
-        return iter(self.loader)
+        return super().__iter__()
+
+
+class EvalLoader(_Loader):
+    """One pass over the evaluation samples per iteration. `num_samples` (all ranks
+    together, for progress bars) is None when neither sizes.json nor a count is known."""
+
+    def __init__(self, loader: wds.WebLoader, ctx: _Context, cfg: DataConfig, num_samples: int | None):
+        super().__init__(loader, ctx, cfg.workers, _batch_shape(cfg, cfg.eval_batch_size))
+        self.num_samples = num_samples
+
+
+def _batch_shape(cfg: DataConfig, batch_size: int) -> tuple[int, ...]:
+    return batch_size, 3, cfg.image_size, cfg.image_size
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -341,11 +394,11 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 def _web_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
     # Fork where the OS has it: a rank started with the "spawn" method would otherwise
     # spawn its workers too, re-importing torch in each of them at every epoch.
-    context = "fork" if workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+    context = "fork" if workers > 0 and _FORK else None
     # batch_size=None: batches are made inside the dataset (in the workers). `_as_is`
     # instead of the default conversion, which would turn the numpy arrays into shared tensors.
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                         persistent_workers=False, prefetch_factor=2 if workers > 0 else None,
+                         persistent_workers=False, prefetch_factor=_PREFETCH if workers > 0 else None,
                          multiprocessing_context=context, collate_fn=_as_is)
 
 
@@ -370,12 +423,12 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, TrainTransform(cfg), train=True),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(_to_tensors).with_epoch(num_batches)
-    return TrainLoader(loader, ctx, num_batches, num_samples)
+    loader = _web_loader(pipeline, cfg.workers).map(functools.partial(_to_tensors, ctx))
+    return TrainLoader(loader.with_epoch(num_batches), ctx, cfg, num_batches, num_samples)
 
 
 def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: int | None = None,
-                world_size: int | None = None) -> wds.WebLoader:
+                world_size: int | None = None) -> EvalLoader:
     """One pass over `spec` (default `cfg.val`): each sample exactly once across all ranks
     and workers, in batches of `cfg.eval_batch_size` (the last one may be smaller; ranks may
     get different numbers of batches). `tokenizer=None` leaves the text untokenized."""
@@ -389,10 +442,9 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, EvalTransform(cfg), train=False),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(_to_tensors)
-    # For progress bars: all ranks together; None when neither sizes.json nor a count is known.
+    loader = _web_loader(pipeline, cfg.workers).map(functools.partial(_to_tensors, ctx))
     try:
-        loader.num_samples = count_samples(urls, cfg.val_samples if spec is None else None, "data.val_samples")
+        num_samples = count_samples(urls, cfg.val_samples if spec is None else None, "data.val_samples")
     except ConfigError:
-        loader.num_samples = None
-    return loader
+        num_samples = None
+    return EvalLoader(loader, ctx, cfg, num_samples)
