@@ -40,12 +40,12 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
             return
         _check_sum(header, offset)
         size, kind = _size(header), header[156:157]
-        data = stream.read(size)
-        padding = stream.read(-size % BLOCK)
+        padded = stream.read(size + -size % BLOCK)  # one read for contents and padding
         name = long_name or _name(header)
-        if len(data) < size:
+        if len(padded) < size:
             raise BrokenTar(f"is cut inside member {name!r} (truncated?)")
-        offset += BLOCK + size + len(padding)
+        data = padded[:size]
+        offset += BLOCK + len(padded)
         if kind == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
         elif kind == b"x":  # pax extended header: only the path matters here
@@ -53,7 +53,7 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
         elif kind in (b"0", b"\0", b"7"):
             long_name = None
             if not _META.match(name):
-                yield name, offset - size - len(padding), data
+                yield name, offset - len(padded), data
         else:  # directories, links, global pax headers: not samples
             long_name = None if kind != b"g" else long_name
 
