@@ -14,9 +14,11 @@ decode + transform. "per CPU-second" compares images per CPU-second
 (main process + workers, from /proc) with the raw loop's: it stays meaningful when other
 work shares the cores. "as many at once": with N >= 2 workers, N raw loops also run side
 by side, and their mean rate is the baseline a worker can hope for while N cores are busy
-(cores clock lower then and share caches and memory bandwidth). Rounds alternate raw and
-loader runs; the best round of each is reported (as timeit does: interference from other
-work only ever slows a run down).
+(cores clock lower then and share caches and memory bandwidth). "main process CPU µs/img":
+what receiving the workers' batches costs the process that also runs the model. Rounds
+alternate raw and loader runs; the best round of each is reported (as timeit does:
+interference from other work only ever slows a run down). Last, the loader's tokenizer on
+the demo captions, with and without its ASCII WordPiece shortcut.
 """
 from __future__ import annotations
 
@@ -103,9 +105,10 @@ def process_cpu_ticks() -> dict[str, int]:
     return ticks
 
 
-def cpu_seconds_between(before: dict[str, int], after: dict[str, int]) -> float:
+def cpu_seconds_between(before: dict[str, int], after: dict[str, int], only: str | None = None) -> float:
     # Workers of an earlier run may exit meanwhile; only processes alive at the end count.
-    return sum(t - before.get(pid, 0) for pid, t in after.items()) / os.sysconf("SC_CLK_TCK")
+    return sum(t - before.get(pid, 0) for pid, t in after.items()
+               if only in (None, pid)) / os.sysconf("SC_CLK_TCK")
 
 
 def raw_rate(images: list[bytes], cfg: DataConfig) -> tuple[float, float]:
@@ -137,8 +140,9 @@ def raw_rate_all_busy(images: list[bytes], cfg: DataConfig, processes: int) -> f
     return sum(rates) / processes
 
 
-def loader_rate(cfg: DataConfig, tokenizer, batches: int) -> tuple[float, float]:
-    """(images per wall second, images per CPU second of main + workers) of the loader."""
+def loader_rate(cfg: DataConfig, tokenizer, batches: int) -> tuple[float, float, float]:
+    """(images per wall second, images per CPU second of main + workers, CPU microseconds
+    of the main process per image) of the loader."""
     loader = train_loader(cfg, tokenizer)
     iterator = iter(loader)
     # Worker start-up and shuffle-buffer fills are not throughput: every worker delivers
@@ -148,10 +152,12 @@ def loader_rate(cfg: DataConfig, tokenizer, batches: int) -> tuple[float, float]
     start, ticks, seen = time.perf_counter(), process_cpu_ticks(), 0
     for _, batch in zip(range(batches), iterator):
         seen += len(batch["key"])
-    wall, cpu = time.perf_counter() - start, cpu_seconds_between(ticks, process_cpu_ticks())
+    after = process_cpu_ticks()
+    wall, cpu = time.perf_counter() - start, cpu_seconds_between(ticks, after)
+    main_cpu = cpu_seconds_between(ticks, after, only=str(os.getpid()))
     del iterator
     gc.collect()  # shut the workers down before the next run
-    return seen / wall, seen / cpu
+    return seen / wall, seen / cpu, main_cpu / seen * 1e6
 
 
 def bench(name: str, spec: str, args, tokenizer) -> list[dict]:
@@ -173,11 +179,34 @@ def bench(name: str, spec: str, args, tokenizer) -> list[dict]:
     results = []
     for w, rates in runs.items():
         wall, cpu = max(r[0] for r in rates), max(r[1] for r in rates)
+        main_us = min(r[2] for r in rates) if w > 0 else None
         busy = max(raws_busy[w]) if w > 1 else raw_wall
         results.append({"set": name, "workers": w, "loader": wall, "raw": raw_wall, "raw_busy": busy,
-                        "per_worker": wall / (max(w, 1) * raw_wall),
+                        "per_worker": wall / (max(w, 1) * raw_wall), "main_us": main_us,
                         "per_worker_busy": wall / (max(w, 1) * busy), "cpu_efficiency": cpu / raw_cpu})
     return results
+
+
+def tokenizer_rates(spec: str, tokenizer, max_len: int, batch_size: int, rounds: int) -> dict[str, float]:
+    """Microseconds per caption of the loader's tokenizer on the set's captions (one picked
+    per image, as in training), with the ASCII WordPiece shortcut and with the backend
+    alone: best of `rounds`, alternating."""
+    from vlp.data.loader import _Context, _Parse, _ReadSamples
+    from vlp.data.text import BatchTokenizer
+
+    ctx, rng = _Context(0, 1, 0), random.Random(0)
+    parsed = _Parse(ctx)(_ReadSamples(ctx)({"url": url} for url in expand_spec(spec)))
+    texts = [rng.choice(sample["captions"]) for sample in parsed]
+    shortcut, backend = BatchTokenizer(tokenizer, max_len), BatchTokenizer(tokenizer, max_len)
+    backend.shortcut = None
+    best = {"shortcut": float("inf"), "backend": float("inf")}
+    for _ in range(rounds):
+        for name, tokenize in (("shortcut", shortcut), ("backend", backend)):
+            start = time.perf_counter()
+            for i in range(0, len(texts), batch_size):
+                tokenize(texts[i:i + batch_size])
+            best[name] = min(best[name], (time.perf_counter() - start) / len(texts) * 1e6)
+    return best
 
 
 def main() -> None:
@@ -205,12 +234,18 @@ def main() -> None:
     results = [row for name, spec in sets for row in bench(name, spec, args, tokenizer)]
     print(f"load average before: {load_before}, after: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     print("| set | workers | loader img/s | raw loop img/s | per worker vs raw (wall) | per CPU-second vs raw "
-          "| raw loop img/s, as many at once | per worker vs that |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| raw loop img/s, as many at once | per worker vs that | main process CPU µs/img |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        main_us = "–" if r["main_us"] is None else f"{r['main_us']:.1f}"
         print(f"| {r['set']} | {r['workers']} | {r['loader']:.0f} | {r['raw']:.0f} | "
               f"{r['per_worker']:.2f}x | {r['cpu_efficiency']:.2f}x | {r['raw_busy']:.0f} | "
-              f"{r['per_worker_busy']:.2f}x |")
+              f"{r['per_worker_busy']:.2f}x | {main_us} |")
+    if args.demo:
+        rates = tokenizer_rates(args.demo, tokenizer, DataConfig().max_len, args.batch_size, args.rounds)
+        print(f"\ntokenizer on the demo captions: {rates['shortcut']:.1f} µs a caption with the ASCII "
+              f"WordPiece shortcut, {rates['backend']:.1f} with the backend alone "
+              f"({rates['backend'] / rates['shortcut']:.1f}x)")
 
 
 if __name__ == "__main__":
