@@ -62,3 +62,17 @@ def test_other_tokenizer_kinds_get_no_shortcut():
     bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[], unk_token="a"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     assert AsciiWordPiece.from_backend(bpe) is None
+
+
+def test_left_truncation_is_left_to_the_backend_and_matches_tokenize(tokenizer):
+    from vlp.data import tokenize
+
+    texts = ["one two three four five six seven eight nine ten", "a b"]
+    tokenizer.truncation_side = "left"
+    try:
+        fast = BatchTokenizer(tokenizer, 6)
+        reference = tokenize(tokenizer, texts, 6)
+    finally:
+        tokenizer.truncation_side = "right"
+    assert fast.shortcut is None
+    assert (fast(texts)["input_ids"] == reference["input_ids"].numpy()).all()

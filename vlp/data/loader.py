@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 import random
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -223,16 +224,16 @@ class _Parse:
                        "captions": captions, "meta": meta}
 
 
-def _to_tensors(ctx: _Context, batch: dict) -> dict:
+def _to_tensors(passes: weakref.WeakValueDictionary, batch: dict) -> dict:
     """Runs in the main process. Batches cross from the workers with images as uint8 in a
     batch slot (or, when none was free, a shared tensor) and the small int64 arrays as
     numpy, pickled by value. Images stay uint8 (the vision tower normalizes them on the
-    model's device)."""
+    model's device). `passes`: the batch slots of every pass still being iterated, by token."""
     for name, value in batch.items():
         if isinstance(value, np.ndarray):
             batch[name] = torch.from_numpy(value)
         elif isinstance(value, SlotRef):
-            batch[name] = ctx.slots.lease(value.index, value.count)
+            batch[name] = passes[value.token].lease(value)
     return batch
 
 
@@ -261,22 +262,23 @@ class _Batch:
                 yield done
             if not kept:
                 if slot is not None:
-                    self.ctx.slots.give_back(slot)
+                    self.ctx.slots.give_back(slot.index)
                 return
             done = self.collate(images, kept, batch_rng)
             if slot is not None:
                 if done["image"] is not images:  # MixGen's blend is a new tensor
                     images.copy_(done["image"])
-                done["image"] = SlotRef(slot, len(kept))
+                slot.count = len(kept)
+                done["image"] = slot
 
-    def decode_batch(self, samples: Iterator[dict], rng: random.Random) -> tuple[int | None, torch.Tensor, list[dict]]:
+    def decode_batch(self, samples: Iterator[dict], rng: random.Random) -> tuple[SlotRef | None, torch.Tensor, list[dict]]:
         """(batch slot or None, up to `size` decoded images [n, 3, S, S] uint8, the samples
         they came from). In a worker the images are written straight into memory the main
         process reads: a batch slot if one is free, else a shared tensor."""
         size = self.transform.size
         slot, images = None, None
         if get_worker_info() is not None:
-            taken = self.ctx.slots.take() if self.ctx.slots is not None else None
+            taken = self.ctx.slots.take(self.size) if self.ctx.slots is not None else None
             if taken is not None:
                 slot, images = taken
             else:
@@ -333,13 +335,22 @@ class _Loader:
     """A WebLoader whose every pass gets fresh batch slots for the workers that fork for it
     (a pass dropped midway can leave slots in flight that never come back)."""
 
-    def __init__(self, loader: wds.WebLoader, ctx: _Context, workers: int, batch_shape: tuple[int, ...]):
-        self.loader, self.ctx, self.workers, self.batch_shape = loader, ctx, workers, batch_shape
+    def __init__(self, loader: wds.WebLoader, ctx: _Context, passes: weakref.WeakValueDictionary,
+                 workers: int, batch_shape: tuple[int, ...]):
+        self.loader, self.ctx, self.passes = loader, ctx, passes
+        self.workers, self.batch_shape = workers, batch_shape
 
     def __iter__(self) -> Iterator[dict]:
-        if self.workers > 0 and _FORK:
-            self.ctx.slots = BatchSlots(self.workers, _SLOTS_PER_WORKER, self.batch_shape)
-        return iter(self.loader)
+        if not (self.workers > 0 and _FORK):
+            return iter(self.loader)
+        slots = BatchSlots(self.workers, _SLOTS_PER_WORKER, self.batch_shape)
+        self.ctx.slots = self.passes[slots.token] = slots
+        return _holding(slots, iter(self.loader))
+
+
+def _holding(slots: BatchSlots, batches: Iterator[dict]) -> Iterator[dict]:
+    """One pass's batches; the generator keeps the pass's slots alive (and in `passes`)."""
+    yield from batches
 
 
 class TrainLoader(_Loader):
@@ -349,9 +360,9 @@ class TrainLoader(_Loader):
     next epoch (new shard draws, shuffles and crops); `set_epoch(e)` picks one explicitly,
     e.g. when resuming. Workers are not persistent, so each epoch's workers see its number."""
 
-    def __init__(self, loader: wds.WebLoader, ctx: _Context, cfg: DataConfig, num_batches: int,
-                 num_samples: int):
-        super().__init__(loader, ctx, cfg.workers, _batch_shape(cfg, cfg.batch_size))
+    def __init__(self, loader: wds.WebLoader, ctx: _Context, passes: weakref.WeakValueDictionary,
+                 cfg: DataConfig, num_batches: int, num_samples: int):
+        super().__init__(loader, ctx, passes, cfg.workers, _batch_shape(cfg, cfg.batch_size))
         self.num_batches, self.num_samples = num_batches, num_samples
         self.next_epoch = 0
 
@@ -371,8 +382,9 @@ class EvalLoader(_Loader):
     """One pass over the evaluation samples per iteration. `num_samples` (all ranks
     together, for progress bars) is None when neither sizes.json nor a count is known."""
 
-    def __init__(self, loader: wds.WebLoader, ctx: _Context, cfg: DataConfig, num_samples: int | None):
-        super().__init__(loader, ctx, cfg.workers, _batch_shape(cfg, cfg.eval_batch_size))
+    def __init__(self, loader: wds.WebLoader, ctx: _Context, passes: weakref.WeakValueDictionary,
+                 cfg: DataConfig, num_samples: int | None):
+        super().__init__(loader, ctx, passes, cfg.workers, _batch_shape(cfg, cfg.eval_batch_size))
         self.num_samples = num_samples
 
 
@@ -423,8 +435,9 @@ def train_loader(cfg: DataConfig, tokenizer, *, rank: int | None = None,
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, TrainTransform(cfg), train=True),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(functools.partial(_to_tensors, ctx))
-    return TrainLoader(loader.with_epoch(num_batches), ctx, cfg, num_batches, num_samples)
+    passes = weakref.WeakValueDictionary()
+    loader = _web_loader(pipeline, cfg.workers).map(functools.partial(_to_tensors, passes))
+    return TrainLoader(loader.with_epoch(num_batches), ctx, passes, cfg, num_batches, num_samples)
 
 
 def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: int | None = None,
@@ -442,9 +455,10 @@ def eval_loader(cfg: DataConfig, tokenizer, *, spec: str | None = None, rank: in
         _Parse(ctx),
         _Batch(ctx, cfg, tokenizer, EvalTransform(cfg), train=False),
     )
-    loader = _web_loader(pipeline, cfg.workers).map(functools.partial(_to_tensors, ctx))
+    passes = weakref.WeakValueDictionary()
+    loader = _web_loader(pipeline, cfg.workers).map(functools.partial(_to_tensors, passes))
     try:
         num_samples = count_samples(urls, cfg.val_samples if spec is None else None, "data.val_samples")
     except ConfigError:
         num_samples = None
-    return EvalLoader(loader, ctx, cfg, num_samples)
+    return EvalLoader(loader, ctx, passes, cfg, num_samples)

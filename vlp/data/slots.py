@@ -15,6 +15,7 @@ import functools
 import math
 import mmap
 import multiprocessing
+import os
 
 import numpy as np
 import torch
@@ -38,25 +39,31 @@ class BatchSlots:
         self.taken = mmap.mmap(-1, count)  # 1 from take until the main process releases it
         fork = multiprocessing.get_context("fork")
         self.free = [fork.Semaphore(slots_per_worker) for _ in range(workers)]
+        # Two passes started before either forked share these slots, and so do their
+        # workers of the same number: claiming a slot must then be atomic.
+        self.claim = [fork.Lock() for _ in range(workers)]
+        self.token = os.urandom(8)  # which pass's slots a batch names
 
-    def take(self) -> tuple[int, torch.Tensor] | None:
-        """In a worker: (slot index, writable uint8 tensor of `shape`), or None if none is free."""
+    def take(self, count: int) -> tuple[SlotRef, torch.Tensor] | None:
+        """In a worker: (what to send for the first `count` images, a writable uint8 tensor
+        of `shape`), or None if no slot is free. The count may be lowered before sending."""
         worker = get_worker_info().id
         if not self.free[worker].acquire(block=False):
             return None
         # A slot's flag is cleared before its semaphore is released, so one is found.
         first = worker * self.slots_per_worker
-        index = self.taken.find(b"\0", first, first + self.slots_per_worker)
-        if index < 0:
-            raise RuntimeError("batch slots: the semaphore and the slot flags disagree")
-        self.taken[index] = 1
-        return index, torch.from_numpy(self._array(np.ndarray, index))
+        with self.claim[worker]:
+            index = self.taken.find(b"\0", first, first + self.slots_per_worker)
+            if index < 0:
+                raise RuntimeError("batch slots: the semaphore and the slot flags disagree")
+            self.taken[index] = 1
+        return SlotRef(self.token, index, count), torch.from_numpy(self._array(np.ndarray, index))
 
-    def lease(self, index: int, count: int) -> torch.Tensor:
-        """In the main process: the first `count` images of slot `index`, holding the slot."""
-        array = self._array(_Lease, index)
-        array.release = functools.partial(self.give_back, index)
-        return torch.from_numpy(array)[:count]
+    def lease(self, ref: SlotRef) -> torch.Tensor:
+        """In the main process: the images `ref` names, as a tensor that holds the slot."""
+        array = self._array(_Lease, ref.index)
+        array.release = functools.partial(self.give_back, ref.index)
+        return torch.from_numpy(array)[:ref.count]
 
     def _array(self, kind: type, index: int) -> np.ndarray:
         return kind(self.shape, np.uint8, self.memory, index * self.slot_bytes)
@@ -82,5 +89,5 @@ class _Lease(np.ndarray):
 class SlotRef:
     """What crosses from a worker in place of a batch's images."""
 
-    def __init__(self, index: int, count: int):
-        self.index, self.count = index, count
+    def __init__(self, token: bytes, index: int, count: int):
+        self.token, self.index, self.count = token, index, count

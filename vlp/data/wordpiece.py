@@ -34,7 +34,7 @@ class AsciiWordPiece:
     @classmethod
     def from_backend(cls, backend) -> AsciiWordPiece | None:
         """For a `tokenizers.Tokenizer` of the BERT kind (BertNormalizer, BertPreTokenizer,
-        WordPiece, a [CLS] A [SEP]-like template); None for any other."""
+        WordPiece, a [CLS] A [SEP]-like template, truncating on the right); None for any other."""
         spec = json.loads(backend.to_str())
         normalizer, model = spec.get("normalizer") or {}, spec.get("model") or {}
         if (normalizer.get("type") != "BertNormalizer" or model.get("type") != "WordPiece"
@@ -42,7 +42,8 @@ class AsciiWordPiece:
             return None
         ends = _template_ends(spec.get("post_processor") or {})
         vocab = model["vocab"]
-        if ends is None or model["unk_token"] not in vocab:
+        cut_left = (spec.get("truncation") or {}).get("direction") == "Left"
+        if ends is None or model["unk_token"] not in vocab or cut_left:
             return None
         lowercase = normalizer.get("lowercase", True)
         added = [token["content"] for token in spec.get("added_tokens", [])]
