@@ -188,15 +188,13 @@ def bench(name: str, spec: str, args, tokenizer) -> list[dict]:
 
 
 def tokenizer_rates(spec: str, tokenizer, max_len: int, batch_size: int, rounds: int) -> dict[str, float]:
-    """Microseconds per caption of the loader's tokenizer on the set's captions (one picked
-    per image, as in training), with the ASCII WordPiece shortcut and with the backend
-    alone: best of `rounds`, alternating."""
-    from vlp.data.loader import _Context, _Parse, _ReadSamples
+    """Microseconds per caption of the loader's tokenizer on one epoch of the set's training
+    captions (as the loader picks them), with the ASCII WordPiece shortcut and with the
+    backend alone: best of `rounds`, alternating."""
     from vlp.data.text import BatchTokenizer
 
-    ctx, rng = _Context(0, 1, 0), random.Random(0)
-    parsed = _Parse(ctx)(_ReadSamples(ctx)({"url": url} for url in expand_spec(spec)))
-    texts = [rng.choice(sample["captions"]) for sample in parsed]
+    loader = train_loader(DataConfig(train=spec, batch_size=batch_size), None)
+    texts = [text for batch in loader for text in batch["text"]]
     shortcut, backend = BatchTokenizer(tokenizer, max_len), BatchTokenizer(tokenizer, max_len)
     backend.shortcut = None
     best = {"shortcut": float("inf"), "backend": float("inf")}
