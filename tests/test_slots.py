@@ -20,21 +20,21 @@ def as_worker(monkeypatch, worker: int) -> None:
 def test_a_slot_is_held_while_any_view_of_its_batch_lives(monkeypatch):
     slots = BatchSlots(workers=2, slots_per_worker=2, shape=(4, 3, 2, 2))
     as_worker(monkeypatch, 1)
-    (a, pixels), (b, _) = slots.take(4), slots.take(4)
-    assert {a.index, b.index} == {2, 3} and slots.take(4) is None  # worker 1's own two, then none
+    (a, pixels), (b, _) = slots.take(), slots.take()
+    assert {a.index, b.index} == {2, 3} and slots.take() is None  # worker 1's own two, then none
     pixels[:3] = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1)
     a.count = 3
     leased = slots.lease(a)
     assert leased.shape == (3, 3, 2, 2) and leased[:, 0, 0, 0].tolist() == [0, 1, 2]
     view = leased[1:]
     del leased
-    assert slots.take(4) is None  # the view still reads slot a
+    assert slots.take() is None  # the view still reads slot a
     del view
-    assert slots.take(4)[0].index == a.index
+    assert slots.take()[0].index == a.index
     slots.give_back(b.index)
-    assert slots.take(4)[0].index == b.index
+    assert slots.take()[0].index == b.index
     as_worker(monkeypatch, 0)
-    assert slots.take(4)[0].index == 0  # worker 0's slots were never touched
+    assert slots.take()[0].index == 0  # worker 0's slots were never touched
 
 
 def test_batches_through_slots_equal_batches_made_in_process(tmp_path, monkeypatch):

@@ -273,18 +273,8 @@ class _Batch:
 
     def decode_batch(self, samples: Iterator[dict], rng: random.Random) -> tuple[SlotRef | None, torch.Tensor, list[dict]]:
         """(batch slot or None, up to `size` decoded images [n, 3, S, S] uint8, the samples
-        they came from). In a worker the images are written straight into memory the main
-        process reads: a batch slot if one is free, else a shared tensor."""
-        size = self.transform.size
-        slot, images = None, None
-        if get_worker_info() is not None:
-            taken = self.ctx.slots.take(self.size) if self.ctx.slots is not None else None
-            if taken is not None:
-                slot, images = taken
-            else:
-                images = torch.empty((self.size, 3, size, size), dtype=torch.uint8).share_memory_()
-        if images is None:
-            images = torch.empty((self.size, 3, size, size), dtype=torch.uint8)
+        they came from)."""
+        slot, images = self.buffer()
         pixels, kept = images.numpy(), []
         while len(kept) < self.size:
             todo = list(itertools.islice(samples, self.size - len(kept)))
@@ -300,6 +290,15 @@ class _Batch:
                 kept.append(sample)
                 self.ctx.shards_without_sample = 0
         return slot, images[:len(kept)], kept
+
+    def buffer(self) -> tuple[SlotRef | None, torch.Tensor]:
+        """Where a batch's images are decoded to. In a worker, memory the main process reads
+        as is: a batch slot if one is free, else a shared tensor."""
+        shape = _batch_shape(self.cfg, self.size)
+        if get_worker_info() is None:
+            return None, torch.empty(shape, dtype=torch.uint8)
+        taken = self.ctx.slots.take() if self.ctx.slots is not None else None
+        return taken or (None, torch.empty(shape, dtype=torch.uint8).share_memory_())
 
     def collate(self, images: torch.Tensor, samples: list[dict], rng: random.Random) -> dict[str, Any]:
         keys = [s["key"] for s in samples]

@@ -44,9 +44,9 @@ class BatchSlots:
         self.claim = [fork.Lock() for _ in range(workers)]
         self.token = os.urandom(8)  # which pass's slots a batch names
 
-    def take(self, count: int) -> tuple[SlotRef, torch.Tensor] | None:
-        """In a worker: (what to send for the first `count` images, a writable uint8 tensor
-        of `shape`), or None if no slot is free. The count may be lowered before sending."""
+    def take(self) -> tuple[SlotRef, torch.Tensor] | None:
+        """In a worker: (what to send for the slot's images, all of them until its `count`
+        is lowered; a writable uint8 tensor of `shape`), or None if no slot is free."""
         worker = get_worker_info().id
         if not self.free[worker].acquire(block=False):
             return None
@@ -57,7 +57,7 @@ class BatchSlots:
             if index < 0:
                 raise RuntimeError("batch slots: the semaphore and the slot flags disagree")
             self.taken[index] = 1
-        return SlotRef(self.token, index, count), torch.from_numpy(self._array(np.ndarray, index))
+        return SlotRef(self.token, index, self.shape[0]), torch.from_numpy(self._array(np.ndarray, index))
 
     def lease(self, ref: SlotRef) -> torch.Tensor:
         """In the main process: the images `ref` names, as a tensor that holds the slot."""
