@@ -113,6 +113,7 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         from vlp.data import build_tokenizer, expand_spec, train_loader
+        from vlp.foils import training_foils
         from vlp.model import build_model
 
         self.cfg = cfg
@@ -120,6 +121,7 @@ class Trainer:
         expand_spec(cfg.data.train, "data.train")
         if cfg.data.val:
             expand_spec(cfg.data.val, "data.val")  # not at the first eval, minutes later
+        self.foils = training_foils(cfg)
         accelerator = get_accelerator()
         precision = resolve_precision(cfg.train.precision, accelerator.device_name() != "cpu",
                                       accelerator.is_bf16_supported())
@@ -270,7 +272,7 @@ class Trainer:
         results = evaluate(self.engine.module, batches, device=self.world.device, dtype=self.dtype,
                            rerank_k=self.cfg.eval.itm_rerank_k, batch_size=self.cfg.eval.batch_size,
                            rank=self.world.rank, world_size=self.world.world_size,
-                           zero3=self.ds_config["zero_optimization"]["stage"] == 3)
+                           zero3=self.ds_config["zero_optimization"]["stage"] == 3, foils=self.foils)
         results["seconds"] = time.perf_counter() - started
         self.log.record(self.state["step"], "eval", results)
         if show:
