@@ -1,5 +1,6 @@
-"""ITC and FILIP on two gloo ranks equal the single-process loss on the concatenated batch,
-and so do their gradients (after the 1/world averaging DDP/DeepSpeed apply)."""
+"""ITC, sigmoid ITC (SigLIP) and FILIP on two gloo ranks equal the single-process loss on
+the concatenated batch, and so do their gradients (after the 1/world averaging DDP/DeepSpeed
+apply)."""
 from __future__ import annotations
 
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gloo_ranks import run_ranks
-from vlp.losses import contrastive_loss, filip_loss
+from vlp.losses import contrastive_loss, filip_loss, sigmoid_loss
 
 B_LOCAL, WORLD = 3, 2
 
@@ -27,26 +28,28 @@ def losses_and_grads(img, txt, img_tok, txt_tok, mask):
     leaves = [t.clone().requires_grad_(True) for t in (img, txt, img_tok, txt_tok)]
     scale = torch.tensor(10.0)
     itc = contrastive_loss(leaves[0], leaves[1], scale)["loss"]
+    siglip = sigmoid_loss(leaves[0], leaves[1], scale, torch.tensor(-3.0))["loss"]
     # Rank 1 trims its texts to its own longest caption, as the model does: lengths differ.
     length = int(mask.sum(1).max())
     filip = filip_loss(leaves[2], leaves[3][:, :length], mask[:, :length], scale, chunk=2)["loss"]
-    (itc + filip).backward()
-    return itc.item(), filip.item(), [leaf.grad for leaf in leaves]
+    (itc + siglip + filip).backward()
+    return {"itc": itc.item(), "siglip": siglip.item(), "filip": filip.item()}, [leaf.grad for leaf in leaves]
 
 
 def _rank_losses(rank: int) -> dict:
     torch.set_num_threads(1)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-    itc, filip, grads = losses_and_grads(*(t[rows] for t in global_inputs()))
-    return {"itc": itc, "filip": filip, "grads": [g.tolist() for g in grads]}
+    losses, grads = losses_and_grads(*(t[rows] for t in global_inputs()))
+    return {**losses, "grads": [g.tolist() for g in grads]}
 
 
 def test_two_ranks_equal_the_concatenated_batch(tmp_path):
     ranks = run_ranks(_rank_losses, tmp_path, WORLD)
-    itc, filip, grads = losses_and_grads(*global_inputs())
-    # Each rank's loss is the mean over its rows; their mean is the global mean.
-    assert abs(sum(r["itc"] for r in ranks) / WORLD - itc) < 1e-5
-    assert abs(sum(r["filip"] for r in ranks) / WORLD - filip) < 1e-5
+    losses, grads = losses_and_grads(*global_inputs())
+    # Each rank's loss is the mean over its rows (SigLIP: the sum over its images' rows over
+    # the local batch size); their mean is the global one.
+    for name, single in losses.items():
+        assert abs(sum(r[name] for r in ranks) / WORLD - single) < 1e-5, name
     for i, single in enumerate(grads):
         gathered = torch.cat([torch.tensor(r["grads"][i]) for r in ranks]) / WORLD
         torch.testing.assert_close(gathered, single, atol=1e-6, rtol=1e-5)
