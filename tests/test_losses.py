@@ -33,6 +33,17 @@ def test_itc_matches_loop_reference():
     assert out["loss"].item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
 
 
+def test_itc_with_hard_negative_columns_matches_loop_reference():
+    img, txt, neg, scale = unit(4, 8, seed=21), unit(4, 8, seed=22), unit(3, 8, seed=23), torch.tensor(8.0)
+    out = contrastive_loss(img, txt, scale, negative_emb=neg)
+    rows = []
+    for i in range(4):
+        i2t = torch.stack([scale * torch.dot(img[i], t) for t in list(txt) + list(neg)])  # negatives: columns
+        t2i = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(4)])          # ...never rows
+        rows.append(0.5 * (ce_row(i2t, i) + ce_row(t2i, i)))
+    assert out["loss"].item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
+
+
 # ------------------------------------------------------------------ SigLIP
 
 def test_sigmoid_loss_matches_loop_reference():
@@ -94,6 +105,18 @@ def test_filip_loss_matches_loop_reference():
     ref_i2t, ref_t2i = filip_reference(img, txt, mask)
     ref = torch.stack([0.5 * (ce_row(scale * ref_i2t[i], i) + ce_row(scale * ref_t2i[:, i], i))
                        for i in range(4)]).mean()
+    assert out["loss"].item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_filip_with_hard_negative_columns_matches_loop_reference():
+    img, txt, mask = unit(3, 5, 8, seed=24), unit(3, 6, 8, seed=25), random_mask(3, 6, seed=26)
+    neg, neg_mask = unit(2, 4, 8, seed=27), random_mask(2, 4, seed=28)
+    scale = torch.tensor(9.0)
+    out = filip_loss(img, txt, mask, scale, chunk=2, negatives=(neg, neg_mask))
+    ref_i2t, ref_t2i = filip_reference(img, txt, mask)
+    neg_i2t, _ = filip_reference(img, neg, neg_mask)
+    ref = torch.stack([0.5 * (ce_row(scale * torch.cat([ref_i2t[i], neg_i2t[i]]), i) + ce_row(scale * ref_t2i[:, i], i))
+                       for i in range(3)]).mean()
     assert out["loss"].item() == pytest.approx(ref.item(), abs=1e-5)
 
 

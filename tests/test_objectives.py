@@ -153,3 +153,44 @@ def test_gradnorm_under_zero3_is_a_clear_error(shards, tmp_path, capsys):
                           "loss.weighting=gradnorm", "train.zero_stage=3"])
     err = capsys.readouterr().err
     assert code == 2 and "gradnorm does not work with ZeRO-3" in err and "Traceback" not in err
+
+
+def test_hard_negative_captions_join_itc_filip_and_itm_with_one_text_tower_pass(tmp_path):
+    from test_model import tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(lm=0.0)
+    cfg.loss.text_negatives.fraction = 1.0
+    model = build_model(cfg)
+    model.tokenizer = tiny_tokenizer(tmp_path)
+    batch = tiny_batch(b=4)
+    batch["text"] = ["a red square above a blue cat", "a blue square", "a red cat on a blue square", "cat"]
+    encodes, itm_rows = [], []
+    real_encode = model.text.encode
+    model.text.encode = lambda *a, **k: encodes.append(a[0].shape[0]) or real_encode(*a, **k)
+    model.itm_head.register_forward_hook(lambda _m, inp, _o: itm_rows.append(inp[0].shape[0]))
+    model.set_training_progress(3, 0.1)
+    out = model(batch)
+    # Captions 0 and 2 have two phrases, 1 two words, 3 one word: negatives for 0, 1, 2.
+    assert encodes == [4, 3] and itm_rows == [3 * 4 + 3]
+    assert torch.isfinite(out["loss"]) and out["itm_acc"] >= 0
+    out["loss"].backward()
+    model.eval()  # no negatives in evaluation: one text pass
+    encodes.clear()
+    model(batch)
+    assert encodes == [4]
+    cfg.loss.text_negatives.fraction = 0.0
+    plain = build_model(cfg)
+    plain_encode = plain.text.encode
+    plain.text.encode = lambda *a, **k: encodes.append(("plain", a[0].shape[0])) or plain_encode(*a, **k)
+    del batch["text"]  # off means the captions' text is not even needed
+    encodes.clear()
+    plain(batch)
+    assert encodes == [("plain", 4)]
+
+
+def test_unknown_hard_negative_kind_is_a_config_error():
+    cfg = tiny_cfg()
+    cfg.loss.text_negatives.kinds = ["swap_objects", "negate"]
+    with pytest.raises(Exception, match="loss.text_negatives.kinds"):
+        build_model(cfg)

@@ -107,6 +107,16 @@ def _default_objectives() -> dict[str, Any]:
 
 
 @dataclass
+class TextNegativesConfig:
+    # Composition-aware hard negatives (NegCLIP): for this fraction of the training captions
+    # a copy that keeps the words and breaks the meaning (vlp/data/perturb.py) joins ITC,
+    # SigLIP and FILIP as an extra negative column and ITM as a negative pair. 0: off (free).
+    fraction: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: ["swap_objects", "swap_attributes", "flip_relation",
+                                                      "shuffle"])
+
+
+@dataclass
 class SharedLossConfig:
     """The `loss` keys that are not an objective's section."""
     # fixed | uncertainty (Kendall et al.) | dwa (dynamic weight average) | gradnorm.
@@ -120,6 +130,7 @@ class SharedLossConfig:
     # GradNorm: asymmetry α (0.5-1.5 in Chen et al.) and the weights' own Adam LR.
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
+    text_negatives: TextNegativesConfig = field(default_factory=TextNegativesConfig)
 
 
 @dataclass
@@ -260,7 +271,8 @@ def _loss_from_dict(raw: dict[str, Any], prefix: str) -> LossConfig:
             objectives[name] = from_dict(sections[name].Options, value, f"{prefix}{name}.")
             if objectives[name].weight < 0:
                 raise ConfigError(f"config key '{prefix}{name}.weight' must be >= 0")
-    return LossConfig(**dataclasses.asdict(cfg), objectives=objectives)
+    return LossConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SharedLossConfig)},
+                      objectives=objectives)
 
 
 def _loss_keys() -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.losses.distributed import gather_with_grad, world
+from vlp.losses.distributed import gather_rows, gather_with_grad, world
 from vlp.losses.objective import Objective, ObjectiveOptions
 
 
@@ -30,14 +30,26 @@ def local_labels(b: int, device) -> torch.Tensor:
     return torch.arange(b, device=device) + world()[0] * b
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                     logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`image_emb`, `text_emb`: L2-normalized `[b, D]` local features; returns loss, acc."""
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     negative_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`image_emb`, `text_emb`: L2-normalized `[b, D]` local features; returns loss, acc.
+    `negative_emb` `[n, D]`: hard negative captions, extra columns for every image (never
+    a positive, and not rows: they have no image of their own)."""
     all_image = gather_with_grad(image_emb)
     all_text = gather_with_grad(text_emb)
     logits_i2t = logit_scale * image_emb.float() @ all_text.float().t()
     logits_t2i = logit_scale * text_emb.float() @ all_image.float().t()
+    if negative_emb is not None:
+        logits_i2t = torch.cat([logits_i2t, negative_columns(logit_scale * image_emb.float(), negative_emb)], 1)
     return symmetric_cross_entropy(logits_i2t, logits_t2i, local_labels(image_emb.shape[0], image_emb.device))
+
+
+def negative_columns(scaled_image_emb: torch.Tensor, negative_emb: torch.Tensor) -> torch.Tensor:
+    """Logits of local images against every rank's hard negative captions `[b, N]`; the
+    pads of ranks with fewer negatives are -inf (they take no probability mass)."""
+    all_negatives, valid = gather_rows(negative_emb)
+    logits = scaled_image_emb @ all_negatives.float().t()
+    return logits.masked_fill(~valid[None], float("-inf"))
 
 
 class LearnableScale(nn.Module):
@@ -74,6 +86,6 @@ class ITC(Objective):
 
     def forward(self, features) -> dict[str, torch.Tensor]:
         scale = self.scale()
-        out = contrastive_loss(features.image_emb, features.text_emb, scale)
+        out = contrastive_loss(features.image_emb, features.text_emb, scale, features.negative_text_emb)
         out["logit_scale"] = scale.detach()
         return out

@@ -49,3 +49,16 @@ def gather_padded(tokens: torch.Tensor, mask: torch.Tensor, with_grad: bool = Tr
     mask = F.pad(mask, (0, pad))
     gathered = gather_with_grad(tokens) if with_grad else gather_no_grad(tokens)
     return tokens, mask, gathered, gather_no_grad(mask)
+
+
+def gather_rows(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `[n, ...]` from every rank when ranks may hold different numbers of them (hard
+    negatives: not every caption yields one). Each rank pads to the largest n; returns
+    (all rows, valid [total] bool) with the pads marked invalid."""
+    if world()[1] == 1:
+        return x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    count = max_over_ranks(x.shape[0])
+    valid = torch.arange(count, device=x.device) < x.shape[0]
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, count - x.shape[0]))
+    gathered = gather_with_grad(padded) if with_grad else gather_no_grad(padded)
+    return gathered, gather_no_grad(valid)

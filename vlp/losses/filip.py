@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vlp.errors import ConfigError
 from vlp.dtypes import DTYPES
 from vlp.losses.contrastive import LearnableScale, local_labels, symmetric_cross_entropy
-from vlp.losses.distributed import gather_padded, gather_with_grad, world
+from vlp.losses.distributed import gather_padded, gather_rows, gather_with_grad, max_over_ranks, world
 from vlp.losses.objective import Objective, ObjectiveOptions
 
 
@@ -75,8 +76,11 @@ def _take(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def filip_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                logit_scale: torch.Tensor, token_fraction: float = 1.0, chunk: int = 64,
-               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Local tokens against all-gathered tokens; tokens L2-normalized per token."""
+               dtype: torch.dtype = torch.float32, negatives: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Local tokens against all-gathered tokens; tokens L2-normalized per token.
+    `negatives`: (tokens [n, L, D], mask [n, L]) of hard negative captions, extra columns
+    of the image→text scores."""
     if token_fraction < 1.0:
         image_index, text_index, text_mask = select_tokens(
             image_tokens, text_tokens, text_mask, token_fraction, chunk, dtype)
@@ -87,8 +91,23 @@ def filip_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask:
         text_tokens, text_mask, all_text, all_mask = gather_padded(text_tokens, text_mask.bool())
         i2t, _ = filip_similarity(image_tokens, all_text, all_mask, chunk, dtype)
         _, t2i = filip_similarity(gather_with_grad(image_tokens), text_tokens, text_mask, chunk, dtype)
+    if negatives is not None:
+        i2t = torch.cat([i2t, negative_scores(image_tokens, *negatives, chunk, dtype)], 1)
     labels = local_labels(image_tokens.shape[0], image_tokens.device)
     return symmetric_cross_entropy(logit_scale * i2t, logit_scale * t2i.t(), labels)
+
+
+def negative_scores(image_tokens: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, chunk: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """image→text FILIP scores `[b, N]` of local images against every rank's hard negative
+    captions; ranks' pads are -inf."""
+    length = max_over_ranks(tokens.shape[1])  # all-gathers need one token length
+    tokens = F.pad(tokens, (0, 0, 0, length - tokens.shape[1]))
+    mask = F.pad(mask.bool(), (0, length - mask.shape[1]))
+    all_tokens, valid = gather_rows(tokens)
+    all_mask, _ = gather_rows(mask, with_grad=False)
+    i2t, _ = filip_similarity(image_tokens, all_tokens, all_mask, chunk, dtype)
+    return i2t.masked_fill(~valid[None], float("-inf"))
 
 
 @dataclass
@@ -124,7 +143,9 @@ class Filip(Objective):
 
     def forward(self, features) -> dict[str, torch.Tensor]:
         scale = self.scale()
+        negatives = features.negative_text_tokens
         out = filip_loss(features.image_tokens, features.text_tokens, features.attention_mask, scale,
-                         self.options.token_fraction, self.options.chunk, self.dtype)
+                         self.options.token_fraction, self.options.chunk, self.dtype,
+                         None if negatives is None else (negatives, features.negative_mask))
         out["logit_scale"] = scale.detach()
         return out

@@ -79,11 +79,25 @@ class ITM(Objective):
         same = image_id[:, None] == all_ids[None, :]  # [b, B]: the positive and duplicates
         neg_text, text_ok = sample_hard_negatives(scale * image_emb @ all_text_emb.t(), same)
         neg_image, image_ok = sample_hard_negatives(scale * text_emb @ all_image_emb.t(), same)
-        texts = torch.cat([text_states, all_texts[neg_text], text_states])
-        masks = torch.cat([mask, all_mask[neg_text], mask])
-        images = torch.cat([image_states, image_states, all_images[neg_image]])
-        fused = model.text.fuse(texts, masks, images)[:, 0]
+        texts = [text_states, all_texts[neg_text], text_states]
+        masks = [mask, all_mask[neg_text], mask]
+        images = [image_states, image_states, all_images[neg_image]]
         b = image_states.shape[0]
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(fused.device)
-        valid = torch.cat([torch.ones(b, dtype=torch.bool, device=fused.device), text_ok, image_ok])
+        valid = [torch.ones(b, dtype=torch.bool, device=mask.device), text_ok, image_ok]
+        if features.negatives is not None:  # composition-aware negatives: their own image
+            texts.append(features.negative_text_states)
+            masks.append(features.negative_mask)
+            images.append(image_states[features.negative_owner])
+            valid.append(torch.ones(len(features.negative_owner), dtype=torch.bool, device=mask.device))
+        texts, masks = _pad_to_one_length(texts, masks)
+        fused = model.text.fuse(torch.cat(texts), torch.cat(masks), torch.cat(images))[:, 0]
+        valid = torch.cat(valid)
+        labels = (torch.arange(len(valid), device=fused.device) < b).long()
         return itm_loss(model.itm_head(fused), labels, valid)
+
+
+def _pad_to_one_length(states: list[torch.Tensor], masks: list[torch.Tensor]):
+    """Text states / masks of different caption lengths, right-padded to the longest."""
+    length = max(m.shape[1] for m in masks)
+    return ([F.pad(x, (0, 0, 0, length - x.shape[1])) for x in states],
+            [F.pad(m, (0, length - m.shape[1])) for m in masks])

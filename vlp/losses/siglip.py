@@ -18,20 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.losses.contrastive import LearnableScale, local_labels
+from vlp.losses.contrastive import LearnableScale, local_labels, negative_columns
 from vlp.losses.distributed import gather_with_grad
 from vlp.losses.objective import Objective, ObjectiveOptions
 
 
 def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                 bias: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`image_emb`, `text_emb`: L2-normalized `[b, D]` local features."""
+                 bias: torch.Tensor, negative_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`image_emb`, `text_emb`: L2-normalized `[b, D]` local features; `negative_emb`: hard
+    negative captions, more pairs with z = −1 for every image."""
     all_text = gather_with_grad(text_emb)
     logits = logit_scale * image_emb.float() @ all_text.float().t() + bias
     labels = local_labels(image_emb.shape[0], image_emb.device)
     signs = -torch.ones_like(logits)
     signs[torch.arange(len(labels)), labels] = 1.0
     loss = -F.logsigmoid(signs * logits).sum() / image_emb.shape[0]
+    if negative_emb is not None:
+        negatives = negative_columns(logit_scale * image_emb.float(), negative_emb) + bias
+        loss = loss - F.logsigmoid(-negatives).sum() / image_emb.shape[0]  # -inf pads add 0
     acc = (logits.argmax(1) == labels).float().mean()
     return {"loss": loss, "acc": acc.detach()}
 
@@ -58,6 +62,7 @@ class SigLIP(Objective):
 
     def forward(self, features) -> dict[str, torch.Tensor]:
         scale = self.scale()
-        out = sigmoid_loss(features.image_emb, features.text_emb, scale, self.bias.float()[0])
+        out = sigmoid_loss(features.image_emb, features.text_emb, scale, self.bias.float()[0],
+                           features.negative_text_emb)
         out.update(logit_scale=scale.detach(), bias=self.bias.detach().float()[0])
         return out

@@ -42,3 +42,43 @@ class Features:
     @cached_property
     def text_tokens(self) -> torch.Tensor:
         return self.model.encode_text_tokens(attention_mask=self.attention_mask, text_states=self.text_states)
+
+    # ------------------------------------------------------------------ hard negatives
+    # Composition-aware negative captions (loss.text_negatives): None when off, in
+    # evaluation, or when no caption of the batch yields one.
+    @cached_property
+    def negatives(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(owner [n]: the batch row each was made from, input_ids [n, L], attention_mask)."""
+        return self.model.text_negatives(self.batch)
+
+    @cached_property
+    def negative_text_states(self) -> torch.Tensor | None:
+        if self.negatives is None:
+            return None
+        _, ids, mask = self.negatives
+        if ids.shape[0] == 0:  # none on this rank; the objectives' gathers still run
+            reference = self.text_states
+            return reference.new_zeros(0, 1, reference.shape[-1])
+        return self.model.encode_text_states(ids, mask)
+
+    @property
+    def negative_mask(self) -> torch.Tensor | None:
+        return None if self.negatives is None else self.negatives[2]
+
+    @property
+    def negative_owner(self) -> torch.Tensor | None:
+        return None if self.negatives is None else self.negatives[0]
+
+    @cached_property
+    def negative_text_emb(self) -> torch.Tensor | None:
+        if self.negatives is None:
+            return None
+        return self.model.encode_text(attention_mask=self.negative_mask, text_states=self.negative_text_states)
+
+    @cached_property
+    def negative_text_tokens(self) -> torch.Tensor | None:
+        if self.negatives is None:
+            return None
+        return self.model.encode_text_tokens(attention_mask=self.negative_mask,
+                                             text_states=self.negative_text_states)
+

@@ -14,6 +14,9 @@ from torch import nn
 
 from vlp.config import ConfigError, DataConfig, LossConfig, ModelConfig
 from vlp.data.images import Normalize
+from vlp.data.perturb import KINDS as NEGATIVE_KINDS
+from vlp.data.perturb import negatives_for_batch
+from vlp.data.text import tokenize
 import vlp.losses
 from vlp.losses import LossWeighting
 from vlp.losses.distributed import world
@@ -23,6 +26,7 @@ from vlp.model.features import Features
 from vlp.model.generate import generate_ids
 from vlp.model.text import TextTower
 from vlp.model.vision import VisionTower
+from vlp.padding import trim_padding
 
 BERT_SEP_ID = 102  # [SEP] in every BERT WordPiece vocabulary
 
@@ -40,6 +44,11 @@ def enabled_objectives(model_cfg: ModelConfig, loss_cfg: LossConfig) -> list:
     if not enabled:
         names = "/".join(o.name for o in vlp.losses.OBJECTIVES)
         raise ConfigError(f"every loss weight is 0: enable at least one of loss.{{{names}}}")
+    negatives = loss_cfg.text_negatives
+    unknown = set(negatives.kinds) - set(NEGATIVE_KINDS)
+    if unknown or not negatives.kinds:
+        raise ConfigError(f"config key 'loss.text_negatives.kinds' must be a non-empty list of "
+                          f"{NEGATIVE_KINDS}, got {negatives.kinds}")
     for objective in enabled:
         for need in objective.needs:
             provided, how = REQUIREMENTS[need]
@@ -72,7 +81,9 @@ class VLPModel(nn.Module):
             {o.name: o(loss_cfg.objectives[o.name], loss_cfg) for o in enabled})
         self.weighting = LossWeighting({name: loss_cfg.objectives[name] for name in self.objectives}, loss_cfg)
         self.init_scale = 1.0 / loss_cfg.init_temperature
-        self.progress = 0.0
+        self.negatives_cfg = loss_cfg.text_negatives
+        self.max_len = data_cfg.max_len if data_cfg else DataConfig().max_len
+        self.progress, self.step = 0.0, 0
         self.tokenizer = None  # set by build_model / load_model_dir when one is available
         self.set_grad_checkpointing(model_cfg.grad_checkpointing)
 
@@ -86,7 +97,7 @@ class VLPModel(nn.Module):
     def set_training_progress(self, step: int, progress: float) -> None:
         """The trainer calls this before each step with the fraction of the run done:
         objective schedules (curriculum, ITM negative hardness) follow it."""
-        self.progress = progress
+        self.progress, self.step = progress, step
         for objective in self.objectives.values():
             objective.set_progress(step, progress)
 
@@ -255,6 +266,22 @@ class VLPModel(nn.Module):
             metrics.update({f"{name}_{key}": value for key, value in out.items()})
         total, weight_metrics = self.weighting(losses, multipliers, self.training, self._shared_grad_norms)
         return {"loss": total, **losses, **metrics, **weight_metrics}
+
+    def text_negatives(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Hard negative captions of a training batch (`loss.text_negatives`): (owner row,
+        input_ids, attention_mask), possibly with no rows; None when off or evaluating."""
+        cfg = self.negatives_cfg
+        if not self.training or cfg.fraction <= 0:
+            return None
+        device = batch["input_ids"].device
+        owners, texts = negatives_for_batch(batch["text"], cfg.fraction, tuple(cfg.kinds),
+                                            seed=f"{self.step}/{world()[0]}")
+        if not texts:
+            empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+            return torch.zeros(0, dtype=torch.long, device=device), empty, empty
+        tokens = tokenize(self.tokenizer, texts, self.max_len)
+        ids, mask = trim_padding(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        return torch.tensor(owners, device=device), ids, mask
 
     def shared_layer(self) -> torch.Tensor:
         """The last weight every objective's gradient passes through (GradNorm's W): the
