@@ -12,7 +12,7 @@ import torch
 
 from vlp.metrics import rerank_score
 from vlp.model.scoring import itm_pair_scores
-from vlp.model.vlp_model import trim_padding
+from vlp.padding import trim_padding
 
 SCORERS = ("itc", "filip", "itm", "rerank")
 # One test's rows (its images, true first) and columns (its captions, true first) in a batch.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vlp.model.vlp_model import trim_padding
+from vlp.padding import trim_padding
 
 
 @torch.no_grad()
@@ -19,5 +19,5 @@ def itm_pair_scores(model, image_states: torch.Tensor, text_states: torch.Tensor
         t = text_of_pair[start:start + batch_size]
         states, pair_mask = trim_padding(text_states[t], mask[t])
         scores[start:start + batch_size] = model.itm_scores(
-            None, pair_mask, image_states=image_states[i], text_states=states).float().cpu()
+            attention_mask=pair_mask, image_states=image_states[i], text_states=states).float().cpu()
     return scores

@@ -35,11 +35,11 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         # Each tower runs once per batch; every score is taken from its states.
         states, text_states = model.encode_image_states(images), model.encode_text_states(ids, mask)
-        parts["img"].append(model.encode_image(None, image_states=states).float())
-        parts["txt"].append(model.encode_text(ids, mask, text_states=text_states).float())
+        parts["img"].append(model.encode_image(image_states=states).float())
+        parts["txt"].append(model.encode_text(attention_mask=mask, text_states=text_states).float())
         if model.has_filip:
-            parts["img_tok"].append(model.encode_image_tokens(None, image_states=states))
-            parts["txt_tok"].append(model.encode_text_tokens(ids, mask, text_states=text_states))
+            parts["img_tok"].append(model.encode_image_tokens(image_states=states))
+            parts["txt_tok"].append(model.encode_text_tokens(attention_mask=mask, text_states=text_states))
         if model.has_itm:
             # ITM rerank runs only the fusion layers per (text, image) pair.
             parts["states"].append(states)
