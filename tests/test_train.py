@@ -97,6 +97,20 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if r["kind"] == "train"}
 
 
+def write_foils(folder: Path) -> Path:
+    """Foil tests (vlp.foils) for the pictures: swapped colour, swapped shape."""
+    folder.mkdir()
+    tests = []
+    for color, shape in [("red", "square"), ("green", "circle"), ("blue", "bar")]:
+        (folder / f"{color}_{shape}.png").write_bytes(picture(color, shape))
+        tests.append({"image": f"{color}_{shape}.png", "caption": f"a {color} {shape}",
+                      "foils": [f"a yellow {shape}", f"a {color} {'circle' if shape != 'circle' else 'bar'}"],
+                      "type": "swap"})
+    path = folder / "foils.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tests))
+    return path
+
+
 @pytest.fixture(scope="module")
 def launched(shards, tmp_path_factory) -> dict[str, Path]:
     """2 ranks, ZeRO-3, bf16 via `deepspeed --num_accelerators 2`: 6 steps with checkpoints at
@@ -106,7 +120,7 @@ def launched(shards, tmp_path_factory) -> dict[str, Path]:
     launcher = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", free_port(), PRETRAIN,
                 "--config", str(config)]
     full, resumed = tmp / "full", tmp / "resumed"
-    run(launcher + [f"output_dir={full}"])
+    run(launcher + [f"output_dir={full}", f"eval.foils={write_foils(tmp / 'foils')}"])
     run(launcher + [f"output_dir={resumed}", f"train.resume={full}/checkpoints/step-00000003"])
     return {"full": full, "resumed": resumed, "config": config}
 
@@ -133,6 +147,16 @@ def test_eval_json_has_every_method_and_handles_a_val_set_smaller_than_the_batch
         assert all(0.0 <= v <= 1.0 for v in results[method].values())
         assert results[method]["t2i_r10"] == 1.0  # 6 images: every one is in the top 10
     assert {"itc", "filip", "itm", "lm"} <= set(results["loss"])
+
+
+def test_eval_json_reports_the_foil_test_of_eval_foils(launched):
+    foils = json.loads((launched["full"] / "eval.json").read_text())["foils"]
+    assert foils["n"] == 3 and foils["chance"] == pytest.approx(1 / 3) and foils["skipped"] == {}
+    assert foils["scorers"] == ["itc", "filip", "itm", "rerank"]
+    assert all(foils[s] in (0, 1 / 3, 2 / 3, 1) for s in foils["scorers"])
+    assert foils["by_type"]["swap"]["n"] == 3
+    evals = [json.loads(line) for line in (launched["full"] / "metrics.jsonl").read_text().splitlines()]
+    assert [e["foils"]["n"] for e in evals if e["kind"] == "eval"] == [3]
 
 
 def test_resumed_run_continues_the_loss_curve(launched):

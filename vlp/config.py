@@ -195,6 +195,11 @@ class EvalConfig:
     # ITM reranks the ITC top-k (ALBEF/BLIP protocol).
     itm_rerank_k: int = 16
     batch_size: int = 128
+    # A foil test (vlp.foils: jsonl of image, caption, foils) reported with the val eval as
+    # eval.json's `foils` block; relative image paths resolve against foils_images
+    # (default: the file's folder).
+    foils: Optional[str] = None
+    foils_images: Optional[str] = None
 
 
 @dataclass

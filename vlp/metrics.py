@@ -36,6 +36,14 @@ def retrieval_recall(scores: torch.Tensor, text_to_image: torch.Tensor,
     return out
 
 
+def rerank_score(itc, rerank):
+    """ALBEF/BLIP's rerank: a pair's ITC cosine plus the reranker's score (the ITM match
+    probability, or a FILIP similarity). The one definition every room ranks by (training
+    eval, search, foils), so a change of the combination reaches them all. Tensors or
+    numpy arrays."""
+    return itc + rerank
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """Fraction of rows whose label is among the k highest logits."""
     k_max = min(max(ks), logits.shape[1])

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from vlp.metrics import rerank_score
 from vlp.retrieval import index as faiss_index
 from vlp.retrieval.encoder import Encoder
 from vlp.retrieval.shards import IMAGE_MIME, read_member
@@ -82,7 +83,8 @@ class Searcher:
             row = self.items.row(item)
             captions = self.items.captions(row)
             rerank = None if rerank_scores is None else float(rerank_scores[j])
-            out.append(Hit(int(item), float(score) + (rerank or 0.0), self.items.keys[row],
+            ranked_by = float(score) if rerank is None else rerank_score(float(score), rerank)
+            out.append(Hit(int(item), ranked_by, self.items.keys[row],
                            captions[0] if captions else "", float(score), rerank))
         return out
 
@@ -123,7 +125,7 @@ class Searcher:
             new = self.filip_scores(rows, text=text, image=image)
         else:
             new = self.itm_scores(rows, text)
-        order = np.argsort(-(index_scores + new), kind="stable")[:k]
+        order = np.argsort(-rerank_score(index_scores, new), kind="stable")[:k]
         return self.hits(index_scores[order], ids[order], new[order])
 
     # ----------------------------------------------------------------- rerank scores

@@ -10,8 +10,8 @@ from typing import Any, Iterable
 
 import torch
 
-from vlp.metrics import retrieval_recall
-from vlp.padding import trim_padding
+from vlp.metrics import rerank_score, retrieval_recall
+from vlp.model.scoring import itm_pair_scores
 
 METHODS = ("itc", "itm_rerank", "filip")
 # Added to reranked candidates so they rank above every non-candidate (cosine sims <= 1).
@@ -95,19 +95,15 @@ def itm_rerank(model, itc: torch.Tensor, emb: dict[str, Any], k: int, batch_size
     top_img = itc.t().topk(k_i, dim=1).indices                # [n_txt, k_i]
     img_of_pair = torch.cat([torch.arange(n_img).repeat_interleave(k_t), top_img.reshape(-1)])
     txt_of_pair = torch.cat([top_txt.reshape(-1), torch.arange(n_txt).repeat_interleave(k_i)])
-    scores = torch.empty(len(img_of_pair))
-    for start in range(0, len(img_of_pair), batch_size):
-        i = img_of_pair[start:start + batch_size]
-        t = txt_of_pair[start:start + batch_size]
-        text_states, mask = trim_padding(emb["txt_states"][t], emb["mask"][t])
-        scores[start:start + batch_size] = model.itm_scores(
-            attention_mask=mask, image_states=emb["states"][i], text_states=text_states).float().cpu()
-    i2t = itc.clone()
+    scores = itm_pair_scores(model, emb["states"], emb["txt_states"], emb["mask"],
+                             img_of_pair, txt_of_pair, batch_size)
+    i2t, t2i = itc.clone(), itc.clone()
     rows = torch.arange(n_img).repeat_interleave(k_t)
-    i2t[rows, top_txt.reshape(-1)] += RERANK_OFFSET + scores[:n_img * k_t]
-    t2i = itc.clone()
+    i2t[rows, top_txt.reshape(-1)] = RERANK_OFFSET + rerank_score(
+        itc[rows, top_txt.reshape(-1)], scores[:n_img * k_t])
     cols = torch.arange(n_txt).repeat_interleave(k_i)
-    t2i[top_img.reshape(-1), cols] += RERANK_OFFSET + scores[n_img * k_t:]
+    t2i[top_img.reshape(-1), cols] = RERANK_OFFSET + rerank_score(
+        itc[top_img.reshape(-1), cols], scores[n_img * k_t:])
     return i2t, t2i
 
 
@@ -121,10 +117,12 @@ def _pick(i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, owner: torch.Tenso
 
 @torch.no_grad()
 def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype, rerank_k: int,
-             batch_size: int, rank: int = 0, world_size: int = 1, zero3: bool = False) -> dict[str, Any]:
+             batch_size: int, rank: int = 0, world_size: int = 1, zero3: bool = False,
+             foils=None) -> dict[str, Any]:
     """{"itc": {...}, "itm_rerank": {...}, "filip": {...}, "loss": {...}, "n_images",
     "n_texts"}; recall keys t2i_r1/5/10 and i2t_r1/5/10. `itm_rerank` / `filip` are left
-    out for a model without an ITM head / FILIP heads."""
+    out for a model without an ITM head / FILIP heads. `foils` (vlp.foils.training_foils)
+    adds the foil report as "foils"."""
     was_training = model.training
     model.eval()
     gather = contextlib.nullcontext()
@@ -143,6 +141,8 @@ def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype,
                 results["itm_rerank"] = _pick(*itm_rerank(model, itc, emb, rerank_k, batch_size), owner)
             if model.has_filip:
                 results["filip"] = _pick(*_filip_matrix(model, emb, batch_size), owner)
+            if foils is not None:
+                results["foils"] = foils(model, device, dtype)
     finally:
         model.train(was_training)
     results["loss"] = emb["loss"]
@@ -166,4 +166,7 @@ def format_table(results: dict[str, Any]) -> str:
     for method in (m for m in METHODS if m in results):
         lines.append(f"{method:<11}" + "".join(f"{results[method][k]:>9.3f}" for k in keys))
     lines.append(f"({results['n_images']} images, {results['n_texts']} captions)")
+    if "foils" in results:
+        from vlp.foils.report import one_line
+        lines.append(one_line(results["foils"]))
     return "\n".join(lines)

@@ -138,6 +138,7 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         from vlp.data import build_tokenizer, expand_spec, train_loader
+        from vlp.foils import training_foils
         from vlp.model import build_model
 
         self.cfg = cfg
@@ -145,6 +146,7 @@ class Trainer:
         expand_spec(cfg.data.train, "data.train")
         if cfg.data.val:
             expand_spec(cfg.data.val, "data.val")  # not at the first eval, minutes later
+        self.foils = training_foils(cfg)
         if cfg.loss.weighting == "gradnorm" and zero_stage(cfg.train) == 3:
             # ZeRO-3 partitions the shared layer's weight: no rank holds it to take ∇_W Lₖ.
             raise ConfigError("loss.weighting=gradnorm does not work with ZeRO-3 (the shared layer's "
@@ -320,7 +322,7 @@ class Trainer:
         results = evaluate(self.engine.module, batches, device=self.world.device, dtype=self.dtype,
                            rerank_k=self.cfg.eval.itm_rerank_k, batch_size=self.cfg.eval.batch_size,
                            rank=self.world.rank, world_size=self.world.world_size,
-                           zero3=self.ds_config["zero_optimization"]["stage"] == 3)
+                           zero3=self.ds_config["zero_optimization"]["stage"] == 3, foils=self.foils)
         results["seconds"] = time.perf_counter() - started
         self.log.record(self.state.step, "eval", results)
         if show:
