@@ -5,8 +5,9 @@
     python pipelines/search.py --index runs/index --eval
 
 Prints a JSON list of results, best first: id, score, key, caption, index_score (the
-index's own score) and, after a rerank, rerank_score; score is then index_score +
-rerank_score (ALBEF/BLIP rank by ITM + ITC). --eval prints R@1/5/10.
+index's own score) and, after a rerank, rerank_score; score is then s_itc·index_score +
+log rerank_score (ITM) or + s_filip·rerank_score (FILIP), vlp.metrics.rerank_score.
+--eval prints R@1/5/10.
 """
 from __future__ import annotations
 

@@ -163,7 +163,8 @@ def direct_matrices(model, tokenizer, cfg, paths: list[Path], captions: list[str
             itm = model.itm_scores(ids.repeat(n_img, 1), mask.repeat(n_img, 1),
                                    images=imgs.repeat_interleave(n_cap, 0)).view(n_img, n_cap)
             out["itm"] = (itm, itm)
-            out["rerank"] = (itc + itm, itc + itm)  # ALBEF/BLIP: ITM probability + ITC cosine
+            combined = model.logit_scale * itc + itm.log()  # s·cos + log p_itm (vlp.metrics.rerank_score)
+            out["rerank"] = (combined, combined)
     return out
 
 

@@ -37,7 +37,7 @@ def test_image_query_finds_the_same_image_first(searcher):
 
 
 @pytest.mark.parametrize("rerank", ["filip", "itm"])
-def test_rerank_orders_the_index_candidates_by_index_plus_rerank_score(searcher, rerank):
+def test_rerank_orders_the_index_candidates_by_the_scaled_combination(searcher, rerank):
     k, candidates = 5, searcher.rerank_candidates
     plain = searcher.search_text("a blue triangle", k=candidates)
     reranked = searcher.search_text("a blue triangle", k=k, rerank=rerank)
@@ -47,10 +47,9 @@ def test_rerank_orders_the_index_candidates_by_index_plus_rerank_score(searcher,
     assert {h.id for h in reranked} <= set(by_id)  # only candidates the index returned
     for h in reranked:
         assert h.index_score == pytest.approx(by_id[h.id].score, abs=1e-6)
-        assert h.score == pytest.approx(h.index_score + h.rerank_score, abs=1e-6)
         assert set(h.as_dict()) == {"id", "score", "key", "caption", "index_score", "rerank_score"}
-    # Independently recomputed rerank scores of all candidates plus their index scores
-    # (ALBEF/BLIP: ITM + ITC): the top-k by that sum is the answer.
+    # Independently recomputed rerank scores of all candidates, combined with their index
+    # scores as s_itc·cos + log p_itm (or + s_filip·filip): the top-k by that is the answer.
     rows = searcher.items.rows(np.array([h.id for h in plain]))
     if rerank == "filip":
         tokens = torch.from_numpy(np.asarray(searcher.items.tokens[rows], np.float32))
@@ -58,7 +57,12 @@ def test_rerank_orders_the_index_candidates_by_index_plus_rerank_score(searcher,
     else:
         images = torch.stack([encoder().decode(searcher.image_bytes(int(r))) for r in rows])
         fresh = model_itm(["a blue triangle"] * len(rows), encoder().image_states(images)).numpy()
-    combined = fresh + np.array([h.score for h in plain], np.float32)
+    model = encoder().model
+    cos = np.array([h.score for h in plain], np.float32)
+    if rerank == "filip":
+        combined = float(model.logit_scale) * cos + float(model.filip_logit_scale) * fresh
+    else:
+        combined = float(model.logit_scale) * cos + np.log(np.clip(fresh, 1e-6, None))
     expected = np.argsort(-combined, kind="stable")[:k]
     assert [h.id for h in reranked] == [plain[i].id for i in expected]
     np.testing.assert_allclose([h.rerank_score for h in reranked], fresh[expected], rtol=1e-4, atol=1e-5)

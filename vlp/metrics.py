@@ -1,6 +1,7 @@
 """Ranking metrics shared by training evaluation, the retrieval index and zero-shot."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 RECALL_KS = (1, 5, 10)
@@ -36,12 +37,23 @@ def retrieval_recall(scores: torch.Tensor, text_to_image: torch.Tensor,
     return out
 
 
-def rerank_score(itc, rerank):
-    """ALBEF/BLIP's rerank: a pair's ITC cosine plus the reranker's score (the ITM match
-    probability, or a FILIP similarity). The one definition every room ranks by (training
-    eval, search, foils), so a change of the combination reaches them all. Tensors or
-    numpy arrays."""
-    return itc + rerank
+def rerank_score(itc, rerank, itc_scale: float, kind: str = "itm", rerank_scale: float = 1.0):
+    """A candidate pair's score once reranked: the product of the two scorers' distributions,
+    each with the temperature the model learnt for it — s_itc·cos + log p_itm for ITM,
+    s_itc·cos + s_filip·filip for FILIP. The one definition every room ranks by (training
+    eval, search, foils). Tensors or numpy arrays.
+
+    Why not BLIP's cos + p_itm: the ITC cosines of a query's top candidates differ by a few
+    hundredths while an untrained or unsure ITM head moves p by tenths, so p alone decides;
+    on the emoji val split that lowered t2i R@1 from 0.415 (ITC) to 0.383, while the
+    log-linear sum gave 0.417 (tools/bench_scorers.py, docs/benchmarks.md)."""
+    if kind == "itm":
+        log = torch.log if torch.is_tensor(rerank) else np.log
+        return itc_scale * itc + log(rerank.clip(1e-6, None) if not torch.is_tensor(rerank)
+                                     else rerank.clamp(min=1e-6))
+    if kind == "filip":
+        return itc_scale * itc + rerank_scale * rerank
+    raise ValueError(f"unknown rerank kind {kind!r}")
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:

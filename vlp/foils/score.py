@@ -41,8 +41,8 @@ def score_tests(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
     ids, mask = trim_padding(ids.to(device), mask.to(device))
     states = model.encode_image_states(images.to(device=device, dtype=dtype))
     text_states = model.encode_text_states(ids, mask)
-    image_emb = model.encode_image(None, image_states=states).float()
-    text_emb = model.encode_text(ids, mask, text_states=text_states).float()
+    image_emb = model.encode_image(image_states=states).float()
+    text_emb = model.encode_text(attention_mask=mask, text_states=text_states).float()
     itc = (image_emb @ text_emb.t()).cpu()
     full = {"itc": (itc, itc)}
     if "itm" in scorers:
@@ -51,13 +51,13 @@ def score_tests(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
         itm = torch.full_like(itc, float("nan"))  # pairs outside a test are never scored
         itm[pair_image, pair_caption] = itm_pair_scores(model, states, text_states, mask,
                                                         pair_image, pair_caption, pair_batch)
-        combined = rerank_score(itc, itm)
+        combined = rerank_score(itc, itm, float(model.logit_scale))
         full.update(itm=(itm, itm), rerank=(combined, combined))
     out = [{name: (a[rows][:, cols], b[rows][:, cols]) for name, (a, b) in full.items()}
            for rows, cols in tests]
     if "filip" in scorers:
-        image_tokens = model.encode_image_tokens(None, image_states=states)
-        text_tokens = model.encode_text_tokens(ids, mask, text_states=text_states)
+        image_tokens = model.encode_image_tokens(image_states=states)
+        text_tokens = model.encode_text_tokens(attention_mask=mask, text_states=text_states)
         for matrices, (rows, cols) in zip(out, tests):
             # Per test: the full batch matrix would cost batch-size times more.
             i2t, t2i = model.filip_scores(image_tokens[rows], text_tokens[cols], mask[cols])

@@ -27,8 +27,9 @@ class QueryError(ValueError):
 
 @dataclass
 class Hit:
-    """`score` orders the results: the index score (cosine), plus the rerank score when a
-    rerank ran (ALBEF/BLIP rank by ITM + ITC; FILIP + ITC likewise)."""
+    """`score` orders the results: the index score (cosine), or after a rerank the
+    combination of the two (`vlp.metrics.rerank_score`: s_itc·cos + log p_itm, or
+    s_itc·cos + s_filip·filip); `rerank_score` is the reranker's own (p_itm, or FILIP)."""
     id: int
     score: float
     key: str
@@ -73,9 +74,10 @@ class Searcher:
             raise QueryError(f"embedding has {queries.shape[1]} dims, the index has {self.dims}")
         return self.index.search(queries, k)
 
-    def hits(self, scores: np.ndarray, ids: np.ndarray,
-             rerank_scores: Optional[np.ndarray] = None) -> list[Hit]:
-        """Hits in the given order; `scores` are the index's, `rerank_scores` are added to them."""
+    def hits(self, scores: np.ndarray, ids: np.ndarray, rerank_scores: Optional[np.ndarray] = None,
+             combined: Optional[np.ndarray] = None) -> list[Hit]:
+        """Hits in the given order; `scores` are the index's; after a rerank, the reranker's
+        own scores and the `combined` ones they are ranked by."""
         out = []
         for j, (score, item) in enumerate(zip(scores, ids)):
             if item < 0:
@@ -83,7 +85,7 @@ class Searcher:
             row = self.items.row(item)
             captions = self.items.captions(row)
             rerank = None if rerank_scores is None else float(rerank_scores[j])
-            ranked_by = float(score) if rerank is None else rerank_score(float(score), rerank)
+            ranked_by = float(score) if combined is None else float(combined[j])
             out.append(Hit(int(item), ranked_by, self.items.keys[row],
                            captions[0] if captions else "", float(score), rerank))
         return out
@@ -121,12 +123,16 @@ class Searcher:
         keep = ids[0] >= 0
         index_scores, ids = scores[0][keep], ids[0][keep]
         rows = self.items.rows(ids)
+        model = self.encoder.model
         if rerank == "filip":
             new = self.filip_scores(rows, text=text, image=image)
+            combined = rerank_score(index_scores, new, float(model.logit_scale), "filip",
+                                    float(model.filip_logit_scale))
         else:
             new = self.itm_scores(rows, text)
-        order = np.argsort(-rerank_score(index_scores, new), kind="stable")[:k]
-        return self.hits(index_scores[order], ids[order], new[order])
+            combined = rerank_score(index_scores, new, float(model.logit_scale))
+        order = np.argsort(-combined, kind="stable")[:k]
+        return self.hits(index_scores[order], ids[order], new[order], combined[order])
 
     # ----------------------------------------------------------------- rerank scores
     def can_rerank(self, rerank: str) -> bool:

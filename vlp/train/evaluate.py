@@ -14,8 +14,9 @@ from vlp.metrics import rerank_score, retrieval_recall
 from vlp.model.scoring import itm_pair_scores
 
 METHODS = ("itc", "itm_rerank", "filip")
-# Added to reranked candidates so they rank above every non-candidate (cosine sims <= 1).
-RERANK_OFFSET = 10.0
+# Added to reranked candidates so they rank above every non-candidate (cosines <= 1):
+# reranked scores s·cos + log p lie within ±(max_logit_scale + 14).
+RERANK_OFFSET = 1000.0
 
 
 def _to(x: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -99,11 +100,12 @@ def itm_rerank(model, itc: torch.Tensor, emb: dict[str, Any], k: int, batch_size
                              img_of_pair, txt_of_pair, batch_size)
     i2t, t2i = itc.clone(), itc.clone()
     rows = torch.arange(n_img).repeat_interleave(k_t)
+    scale = float(model.logit_scale)
     i2t[rows, top_txt.reshape(-1)] = RERANK_OFFSET + rerank_score(
-        itc[rows, top_txt.reshape(-1)], scores[:n_img * k_t])
+        itc[rows, top_txt.reshape(-1)], scores[:n_img * k_t], scale)
     cols = torch.arange(n_txt).repeat_interleave(k_i)
     t2i[top_img.reshape(-1), cols] = RERANK_OFFSET + rerank_score(
-        itc[top_img.reshape(-1), cols], scores[n_img * k_t:])
+        itc[top_img.reshape(-1), cols], scores[n_img * k_t:], scale)
     return i2t, t2i
 
 
