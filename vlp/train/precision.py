@@ -1,15 +1,18 @@
 """`train.precision: auto`: on a GPU bf16 (fp32 where bf16 is unsupported); on a CPU whichever
-of bf16 and fp32 trains this model faster, measured at start-up.
+of bf16 and fp32 trains this model faster.
 
 Why measure: CPUs differ. On one 2-core machine kind bf16 was faster; on another with
 avx512_bf16, ITC-only training ran 1.63x faster in fp32 (bench_train, 50.3 vs 30.9
-samples/s), because the bf16 kernels there lose to the fp32 ones at these sizes.
+samples/s), because the bf16 kernels there lose to the fp32 ones at these sizes. A CPU with
+no bf16 instructions at all (AVX2 only) emulates it: a matmul there took 589 ms in bf16 and
+25 ms in fp32, so it gets fp32 without a probe.
 """
 from __future__ import annotations
 
 import copy
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,6 +21,8 @@ from vlp.config import ConfigError
 
 PROBE_STEPS = 2      # timed forward+backward passes per precision, after one untimed
 PROBE_MAX_BATCH = 16  # a small batch: the ratio is what matters, not the absolute speed
+# CPU flags of instructions that compute in bf16 (without them torch emulates it).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str:
@@ -45,16 +50,35 @@ def synthetic_batch(model: torch.nn.Module, image_size: int, max_len: int, batch
             "image_id": torch.arange(batch)}
 
 
-def seconds_per_step(model: torch.nn.Module, batch: dict, dtype: torch.dtype) -> float:
-    """Mean time of a forward+backward pass of a copy of `model` in `dtype`."""
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bf16 instructions; None when /proc/cpuinfo cannot tell."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def seconds_per_step(model: torch.nn.Module, batch: dict, dtype: torch.dtype,
+                     give_up_after: float = float("inf")) -> float:
+    """Mean time of a forward+backward pass of a copy of `model` in `dtype` (inf once one
+    pass takes longer than `give_up_after`: no need to finish timing the loser)."""
     probe = copy.deepcopy(model).to(dtype).train()
     times = []
     for i in range(1 + PROBE_STEPS):
         start = time.perf_counter()
         probe(batch)["loss"].backward()
         probe.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        if seconds > give_up_after:
+            return float("inf")
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     del probe
     return sum(times) / len(times)
 
@@ -67,14 +91,19 @@ def choose_precision(requested: str, on_gpu: bool, bf16_supported: bool, model: 
         return requested
     if on_gpu or not bf16_supported:
         return "bf16" if bf16_supported else "fp32"
+    if cpu_has_native_bf16() is False:
+        log("precision auto: this CPU has no bf16 instructions (no avx512_bf16 / amx_bf16), "
+            "bf16 would be emulated -> fp32")
+        return "fp32"
     sample = synthetic_batch(model, image_size, max_len, min(batch, PROBE_MAX_BATCH))
-    timings = {name: seconds_per_step(model, sample, dtype)
-               for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    choice = min(timings, key=timings.get)
+    fp32 = seconds_per_step(model, sample, torch.float32)
+    # A pass more than twice as slow as fp32's settles it (even the untimed first one).
+    bf16 = seconds_per_step(model, sample, torch.bfloat16, give_up_after=2 * fp32 + 1.0)
+    choice = "bf16" if bf16 < fp32 else "fp32"
     if dist.is_available() and dist.is_initialized():
         flag = torch.tensor([int(choice == "bf16")])
         dist.broadcast(flag, src=0)
         choice = "bf16" if flag.item() else "fp32"
-    log(f"precision auto: bf16 {timings['bf16'] * 1e3:.0f} ms vs fp32 {timings['fp32'] * 1e3:.0f} ms "
-        f"per probe step -> {choice}")
+    shown = "over 2x fp32" if bf16 == float("inf") else f"{bf16 * 1e3:.0f} ms"
+    log(f"precision auto: bf16 {shown} vs fp32 {fp32 * 1e3:.0f} ms per probe step -> {choice}")
     return choice
