@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from PIL import Image
 
 from vlp.data.images import decode_image
@@ -204,3 +205,17 @@ def _shard_sizes(urls: list[str]) -> int | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     return total
+
+
+def source_batches(source: ImageSource, transform, batch_size: int):
+    """(keys, labels, images [B,3,H,W]) from a source, decoding errors already counted."""
+    keys, labels, images = [], [], []
+    for key, label, image in source:
+        keys.append(key)
+        labels.append(label)
+        images.append(transform(image))
+        if len(keys) == batch_size:
+            yield keys, labels, torch.stack(images)
+            keys, labels, images = [], [], []
+    if keys:
+        yield keys, labels, torch.stack(images)
