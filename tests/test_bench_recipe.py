@@ -40,6 +40,14 @@ def test_steps_within_short_probe_and_minimum():
         bench.steady_step_seconds([], skip=0)
 
 
+def test_vlp_budget_lets_the_time_decide_and_keeps_the_warmup_share():
+    from vlp.config import TrainConfig
+    assert bench.vlp_budget(TrainConfig(steps=240, warmup_steps=30), 5) == [
+        "train.max_minutes=5", "train.warmup_fraction=0.125", "train.steps=1000000"]
+    assert bench.vlp_budget(TrainConfig(steps=240, warmup_steps=30, warmup_fraction=0.2), 2.5)[:2] == [
+        "train.max_minutes=2.5", "train.warmup_fraction=0.2"]
+
+
 def test_warmup_steps_fraction():
     assert bench.warmup_steps(300, 0.1) == 30
     assert bench.warmup_steps(4, 0.1) == 1

@@ -269,20 +269,24 @@ class Bench:
     work: Path
     budget_s: float
     openclip_batch: int  # vlp's global batch
+    vlp_budget: list[str]  # overrides that end the vlp run at the budget (vlp_budget())
 
-    def vlp_command(self, run_dir: Path, seed: int, budget: list[str]) -> list[str]:
+    def vlp_command(self, run_dir: Path, seed: int) -> list[str]:
         ranks = ["--num_accelerators", str(self.args.vlp_ranks)] if self.args.vlp_ranks > 1 else []
         return [str(BIN / "deepspeed"), *ranks, str(REPO / "pipelines/pretrain.py"),
                 "--config", str(self.args.config), f"output_dir={run_dir}", f"data.train={self.args.train}",
                 "data.val=", f"train.seed={seed}", f"data.seed={seed}", "train.checkpoint_every=0",
-                "train.log_every=1", *budget, *self.args.set]
+                "train.log_every=1", *self.vlp_budget, *self.args.set]
 
-    def train_vlp(self, name: str, seed: int, budget: list[str]) -> dict:
+    def train_vlp(self, name: str, seed: int) -> dict:
         run_dir = self.work / name
         env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-        wall, _ = run_logged(self.vlp_command(run_dir, seed, budget), self.work / f"{name}.log", env)
+        wall, _ = run_logged(self.vlp_command(run_dir, seed), self.work / f"{name}.log", env)
         times = vlp_step_times(run_dir)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in records if r["kind"] == "train"][-1]
         return {"arm": "vlp", "seed": seed, "steps": len(times), "train_seconds": sum(times),
+                "budget_clock_seconds": 60 * last.get("train_minutes", math.nan),
                 "wall_seconds": wall, "step_times": times, "model_dir": str(run_dir / "model")}
 
     def openclip_command(self, name: str, seed: int, steps: int, precision: str) -> list[str]:
@@ -331,9 +335,11 @@ class Bench:
 
 # --------------------------------------------------------------------------- the run
 
-def vlp_has_time_budget() -> bool:
-    from vlp.config import TrainConfig
-    return "max_minutes" in {f.name for f in dataclasses.fields(TrainConfig)}
+def vlp_budget(train, minutes: float) -> list[str]:
+    """Overrides that make the budget, not train.steps, end the vlp run, keeping the recipe's
+    warmup as the same fraction of the run."""
+    warmup = train.warmup_fraction or train.warmup_steps / train.steps
+    return [f"train.max_minutes={minutes:g}", f"train.warmup_fraction={warmup:g}", "train.steps=1000000"]
 
 
 def write_openclip_model(models: Path, cfg) -> None:
@@ -348,19 +354,12 @@ def run_seeds(bench: Bench, sets: tuple[EvalSet, EvalSet, dict], n_classes: int,
     """vlp seed s, then open_clip seed s, each scored right after it trains."""
     val, zeroshot, prompts = sets
     labels = torch.tensor(zeroshot.labels)
-    args, budget_min = bench.args, bench.budget_s / 60
+    args = bench.args
     precision, openclip_times, results["openclip_probe"] = bench.probe_openclip()
     results["openclip_precision"] = precision
-    timed = vlp_has_time_budget()
-    vlp_times = None if timed else bench.train_vlp("probe-vlp", 0, [f"train.steps={args.probe_steps}"])["step_times"]
     for seed in args.seeds:
-        if timed:  # the budget decides; train.steps only caps, so it must not bind first
-            budget = [f"train.max_minutes={budget_min}", "train.steps=1000000"]
-        else:
-            budget = [f"train.steps={steps_within(vlp_times, bench.budget_s, args.probe_skip)}"]
-        run = bench.train_vlp(f"vlp-seed{seed}", seed, budget)
+        run = bench.train_vlp(f"vlp-seed{seed}", seed)
         run["metrics"] = score(vlp_embeddings(Path(run["model_dir"]), val, zeroshot, prompts), labels, n_classes)
-        vlp_times = run["step_times"]
         save(run)
         steps = steps_within(openclip_times, bench.budget_s, args.probe_skip)
         run = bench.train_openclip(f"openclip-seed{seed}", seed, steps, precision)
@@ -442,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     write_openclip_model(work / "openclip-models", cfg)
     results = {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
                "budget_minutes": args.budget_minutes, "config": str(args.config), "vlp_overrides": args.set,
-               "vlp_time_budget": vlp_has_time_budget(), "train": args.train, "val": args.val,
+               "train": args.train, "val": args.val,
                "zeroshot": args.zeroshot, "label_field": args.label_field, "classes": args.classes,
                "val_images": len(val.keys), "zeroshot_images": len(zeroshot.keys),
                "skipped": {"val": dict(val.skipped), "zeroshot": dict(zeroshot.skipped)},
@@ -456,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: results["runs"][-1][k] for k in ("arm", "seed", "steps", "train_seconds",
                                                               "wall_seconds", "metrics")}), flush=True)
 
-    bench = Bench(args, work, args.budget_minutes * 60, cfg.data.batch_size * cfg.train.grad_accum * args.vlp_ranks)
+    bench = Bench(args, work, args.budget_minutes * 60, cfg.data.batch_size * cfg.train.grad_accum * args.vlp_ranks,
+                  vlp_budget(cfg.train, args.budget_minutes))
     run_seeds(bench, (val, zeroshot, prompt_sets(classes.names)), len(classes), results, save)
     print(markdown(results))
     print(f"results: {work / 'results.json'}, {work / 'results.md'}")
