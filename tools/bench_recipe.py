@@ -10,8 +10,9 @@ report gives mean and spread over seeds.
         --zeroshot 'DIR/zs-0000.tar' --label-field LABEL --classes DIR/classes.txt --out runs/bench_x
 
 The vlp arm is `deepspeed pipelines/pretrain.py --config CONFIG` (configs/demo.yaml unless
---config) with `train.max_minutes=B` when the config has it, else `train.steps` fitted to B
-from a speed probe; the run's own evaluation is off and it checkpoints only at the end.
+--config) with `train.max_minutes=B` (train.steps raised so that the budget ends the run, the
+recipe's warmup kept as the same fraction of it); its own evaluation is off and it
+checkpoints only at the end.
 The open_clip arm is open_clip's trainer (ITC only, from scratch, towers OPENCLIP_MODEL) in
 its own virtualenv; it has no time budget, so its sample count is fitted to B from its step
 times (a probe, then the previous seed's run), and its precision is whichever of amp_bf16 and
@@ -408,7 +409,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: the faster one in a probe")
     p.add_argument("--openclip-lr", type=float, default=5e-4)
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="open_clip warmup, of its steps")
-    p.add_argument("--probe-steps", type=int, default=12, help="steps of each speed probe")
+    p.add_argument("--probe-steps", type=int, default=12, help="steps of each open_clip speed probe")
     p.add_argument("--probe-skip", type=int, default=3, help="first steps of a run not taken as steady")
     p.add_argument("--out", type=Path, default=REPO / "runs/bench_recipe", help="a folder per invocation (its start time) holds runs, logs and results")
     args = p.parse_args(argv)
