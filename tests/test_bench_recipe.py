@@ -146,7 +146,7 @@ def test_eval_set_first_caption_labels_and_counted_skips(tmp_path):
 
 def _run(arm, seed, value, seconds):
     return {"arm": arm, "seed": seed, "steps": 10 + seed, "train_seconds": seconds, "wall_seconds": seconds + 20,
-            "metrics": {m: value for m in bench.METRICS}}
+            "metrics": {m: value for m in list(bench.METRIC_TITLES)[:6]}}
 
 
 def test_summarize_mean_and_spread_per_arm():
@@ -182,3 +182,24 @@ def test_run_logged_cuts_at_the_limit_and_reports_failures(tmp_path):
     assert bench.run_logged([sys.executable, "-c", "print('ok')"], tmp_path / "ok.log", {})[1]
     with pytest.raises(RuntimeError, match=r"exited 3 .*\n.*broken"):
         bench.run_logged([sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"], tmp_path / "bad.log", {})
+
+
+def test_foil_tests_score_both_arms_alike_from_their_embeddings(tmp_path):
+    """Two images, each with its caption and a foil; embeddings made so that image a picks
+    its caption and image b picks its foil: ITC foil accuracy 1/2, per type too."""
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    lines = [{"image": "a.jpg", "caption": "a cat left of a dog", "foils": ["a dog left of a cat"], "type": "swap"},
+             {"image": "b.jpg", "caption": "a red cup", "foils": ["a cup red"], "type": "shuffle"}]
+    (tmp_path / "foils.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    foils = bench.FoilEval.read(str(tmp_path / "foils.jsonl"), None)
+    assert len(foils.files) == 2 and len(foils.texts) == 4
+    images = torch.eye(4)[:2]                        # a = e0, b = e1
+    text_rows = {"a cat left of a dog": 0, "a dog left of a cat": 3, "a red cup": 2, "a cup red": 1}
+    texts = torch.stack([torch.eye(4)[text_rows[t]] for t in foils.texts])
+    report = foils.report(images, texts)
+    assert report["itc"] == 0.5 and report["chance"] == 0.5
+    assert report["by_type"]["swap"]["itc"] == 1.0 and report["by_type"]["shuffle"]["itc"] == 0.0
+    metrics = bench.score({"val_images": images, "captions": images, "foil_images": images, "foil_texts": texts},
+                          None, 0, foils)
+    assert metrics["foils_itc"] == 0.5 and "zeroshot_simple_top1" not in metrics

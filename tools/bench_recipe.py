@@ -23,6 +23,11 @@ is reported beside it.
 Evaluation texts: each val image's first caption (its .txt, the caption open_clip's trainer
 reads; vlp also trains on json "captions"). open_clip's embeddings come from
 tools/openclip_embed.py run by --openclip-python.
+
+--foils FILE adds a foil test (vlp/foils formats): both arms pick the true caption among its
+foils by ITC (`foils_itc`), and vlp also by FILIP, ITM and the rerank score (`foils_filip`,
+`foils_itm`, `foils_rerank`); per type in results.json. `--classes ''` leaves zero-shot out
+(a set without classes, such as tools/make_relations_shards.py's).
 """
 from __future__ import annotations
 
@@ -59,9 +64,10 @@ OPENCLIP_NAME = "vlp-recipe-match"
 OPENCLIP_TOWERS = {"vision_cfg": {"layers": 4, "width": 192, "head_width": 64},
                    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4}}
 OPENCLIP_PRECISIONS = ("fp32", "amp_bf16")
-METRICS = ("zeroshot_simple_top1", "zeroshot_none_top1", "t2i_r1", "t2i_r10", "i2t_r1", "i2t_r10")
-METRIC_TITLES = ("zero-shot top-1 simple", "zero-shot top-1 bare names", "t2i R@1", "t2i R@10",
-                 "i2t R@1", "i2t R@10")
+METRIC_TITLES = {"zeroshot_simple_top1": "zero-shot top-1 simple", "zeroshot_none_top1": "zero-shot top-1 bare names",
+                 "t2i_r1": "t2i R@1", "t2i_r10": "t2i R@10", "i2t_r1": "i2t R@1", "i2t_r10": "i2t R@10",
+                 "foils_itc": "foils ITC", "foils_filip": "foils FILIP", "foils_itm": "foils ITM",
+                 "foils_rerank": "foils rerank"}
 log = logging.getLogger("bench_recipe")
 
 
@@ -96,11 +102,11 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """{arm: {metric or timing: spread over seeds}}."""
+    """{arm: {metric or timing: spread over seeds}}; a metric an arm lacks is left out."""
     out: dict[str, dict] = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         mine = [r for r in runs if r["arm"] == arm]
-        values = {m: [r["metrics"][m] for r in mine] for m in METRICS}
+        values = {m: [r["metrics"][m] for r in mine] for m in METRIC_TITLES if all(m in r["metrics"] for r in mine)}
         for timing in ("train_seconds", "wall_seconds", "steps"):
             values[timing] = [r[timing] for r in mine]
         out[arm] = {name: spread(v) for name, v in values.items()}
@@ -121,15 +127,21 @@ class EvalSet:
     skipped: Counter = field(default_factory=Counter)
 
 
-def score(emb: dict[str, torch.Tensor], zeroshot_labels: torch.Tensor, n_classes: int) -> dict[str, float]:
+def score(emb: dict[str, torch.Tensor], zeroshot_labels: torch.Tensor | None, n_classes: int,
+          foils: "FoilEval | None" = None) -> dict[str, float]:
     """Every metric from L2-normalized embeddings: `val_images` [N, D] and `captions` [N, D]
     (caption i describes image i); `zeroshot_images` [M, D]; `prompts_<set>` [C*T, D],
-    class-major (vlp.zeroshot's prompt order and template ensemble)."""
+    class-major (vlp.zeroshot's prompt order and template ensemble); `foil_images`,
+    `foil_texts` for a foil test."""
     from vlp.metrics import retrieval_recall, topk_accuracy
     from vlp.zeroshot.classifier import ensemble
 
     n = len(emb["val_images"])
     out = retrieval_recall(emb["val_images"] @ emb["captions"].T, torch.arange(n))
+    if foils is not None:
+        out["foils_itc"] = foils.itc_accuracy(emb["foil_images"], emb["foil_texts"])
+    if zeroshot_labels is None:
+        return out
     for name in TEMPLATE_SETS:
         classes = ensemble(emb[f"prompts_{name}"], n_classes)
         out[f"zeroshot_{name}_top1"] = topk_accuracy(emb["zeroshot_images"] @ classes.T, zeroshot_labels,
@@ -174,8 +186,43 @@ def load_eval_set(data_cfg, spec: str, label_field: str | None = None,
     return out
 
 
+@dataclass
+class FoilEval:
+    """A foil test as both arms score it: the distinct image files and texts, and per test
+    the rows of its images and texts (index 0 the true ones)."""
+    foil_set: object  # vlp.foils.formats.FoilSet
+    files: list[str]
+    texts: list[str]
+    tests: list[tuple[list[int], list[int]]]
+
+    @classmethod
+    def read(cls, path: str, images_root: str | None) -> "FoilEval":
+        from vlp.foils.formats import read_foils
+        foil_set = read_foils(path, images_root)
+        files = list(dict.fromkeys(str(foil_set.resolve(i)) for item in foil_set.items for i in item.images))
+        texts = list(dict.fromkeys(c for item in foil_set.items for c in item.captions))
+        row, col = {f: i for i, f in enumerate(files)}, {t: i for i, t in enumerate(texts)}
+        tests = [([row[str(foil_set.resolve(i))] for i in item.images], [col[c] for c in item.captions])
+                 for item in foil_set.items]
+        return cls(foil_set, files, texts, tests)
+
+    def report(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        """vlp.foils' report of the ITC scorer from the two arms' embeddings alike."""
+        from vlp.foils import report
+        outcomes = []
+        for item, (rows, cols) in zip(self.foil_set.items, self.tests):
+            scores = images[rows] @ texts[cols].T
+            outcomes.append(report.judge(item, {"itc": (scores, scores)}))
+        return report.summarize(outcomes, ("itc",), self.foil_set.skipped)
+
+    def itc_accuracy(self, images: torch.Tensor, texts: torch.Tensor) -> float:
+        return self.report(images, texts)["itc"]
+
+
 @torch.no_grad()
-def vlp_embeddings(model_dir: Path, val: EvalSet, zeroshot: EvalSet, prompts: dict) -> dict:
+def vlp_embeddings(model_dir: Path, val: EvalSet, zeroshot: EvalSet | None, prompts: dict,
+                   foils: FoilEval | None = None) -> dict:
+    from vlp.data import load_image
     from vlp.model import load_model_dir
     from vlp.zeroshot.classifier import TextEncoder
 
@@ -183,17 +230,37 @@ def vlp_embeddings(model_dir: Path, val: EvalSet, zeroshot: EvalSet, prompts: di
     model = model.float().eval()
     encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=False)
     emb = {"val_images": torch.cat([model.encode_image(b).float() for b in val.images]),
-           "zeroshot_images": torch.cat([model.encode_image(b).float() for b in zeroshot.images]),
            "captions": encoder.embed(val.captions)}
+    if zeroshot is not None:
+        emb["zeroshot_images"] = torch.cat([model.encode_image(b).float() for b in zeroshot.images])
     emb.update({name: encoder.embed(texts) for name, texts in prompts.items()})
+    if foils is not None:
+        images = torch.stack([load_image(f, cfg.data) for f in foils.files])
+        emb["foil_images"] = torch.cat([model.encode_image(b).float() for b in images.split(256)])
+        emb["foil_texts"] = encoder.embed(foils.texts)
     return emb
 
 
-def openclip_embeddings(python: str, models: Path, checkpoint: Path, val: EvalSet, zeroshot: EvalSet,
-                        prompts: dict, work: Path) -> dict:
-    manifest = {"image_sets": {"val_images": {"shards": val.shards, "keys": val.keys},
-                               "zeroshot_images": {"shards": zeroshot.shards, "keys": zeroshot.keys}},
+@torch.no_grad()
+def vlp_foil_scorers(model_dir: Path, foils: FoilEval) -> dict[str, float]:
+    """vlp's own foil report (every scorer it has): foils_filip / foils_itm / foils_rerank."""
+    from vlp.foils.run import evaluate_foils
+    from vlp.model import load_model_dir
+
+    model, cfg, tokenizer = load_model_dir(model_dir)
+    report = evaluate_foils(model.float().eval(), tokenizer, foils.foil_set, cfg.data)
+    return {f"foils_{name}": report[name] for name in ("filip", "itm", "rerank") if name in report}
+
+
+def openclip_embeddings(python: str, models: Path, checkpoint: Path, val: EvalSet, zeroshot: EvalSet | None,
+                        prompts: dict, work: Path, foils: FoilEval | None = None) -> dict:
+    manifest = {"image_sets": {"val_images": {"shards": val.shards, "keys": val.keys}},
                 "text_sets": {"captions": val.captions, **prompts}}
+    if zeroshot is not None:
+        manifest["image_sets"]["zeroshot_images"] = {"shards": zeroshot.shards, "keys": zeroshot.keys}
+    if foils is not None:
+        manifest["image_sets"]["foil_images"] = {"files": foils.files}
+        manifest["text_sets"]["foil_texts"] = foils.texts
     work.mkdir(parents=True, exist_ok=True)
     (work / "manifest.json").write_text(json.dumps(manifest))
     run_logged([python, str(REPO / "tools/openclip_embed.py"), "--model-dir", str(models), "--model",
@@ -351,22 +418,26 @@ def write_openclip_model(models: Path, cfg) -> None:
     (models / f"{OPENCLIP_NAME}.json").write_text(json.dumps(spec))
 
 
-def run_seeds(bench: Bench, sets: tuple[EvalSet, EvalSet, dict], n_classes: int, results: dict, save) -> None:
+def run_seeds(bench: Bench, sets: tuple[EvalSet, EvalSet | None, dict, FoilEval | None], n_classes: int,
+              results: dict, save) -> None:
     """vlp seed s, then open_clip seed s, each scored right after it trains."""
-    val, zeroshot, prompts = sets
-    labels = torch.tensor(zeroshot.labels)
+    val, zeroshot, prompts, foils = sets
+    labels = torch.tensor(zeroshot.labels) if zeroshot is not None else None
     args = bench.args
     precision, openclip_times, results["openclip_probe"] = bench.probe_openclip()
     results["openclip_precision"] = precision
     for seed in args.seeds:
         run = bench.train_vlp(f"vlp-seed{seed}", seed)
-        run["metrics"] = score(vlp_embeddings(Path(run["model_dir"]), val, zeroshot, prompts), labels, n_classes)
+        model_dir = Path(run["model_dir"])
+        run["metrics"] = score(vlp_embeddings(model_dir, val, zeroshot, prompts, foils), labels, n_classes, foils)
+        if foils is not None:
+            run["metrics"].update(vlp_foil_scorers(model_dir, foils))
         save(run)
         steps = steps_within(openclip_times, bench.budget_s, args.probe_skip)
         run = bench.train_openclip(f"openclip-seed{seed}", seed, steps, precision)
         emb = openclip_embeddings(args.openclip_python, bench.work / "openclip-models", Path(run["checkpoint"]),
-                                  val, zeroshot, prompts, bench.work / f"openclip-seed{seed}-embeddings")
-        run["metrics"] = score(emb, labels, n_classes)
+                                  val, zeroshot, prompts, bench.work / f"openclip-seed{seed}-embeddings", foils)
+        run["metrics"] = score(emb, labels, n_classes, foils)
         openclip_times = run["step_times"]
         save(run)
 
@@ -376,17 +447,19 @@ def fmt(s: dict[str, float], digits: int = 3) -> str:
 
 
 def markdown(results: dict) -> str:
-    head = "| arm | " + " | ".join(METRIC_TITLES) + " | steps | training s | process wall s |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
+    metrics = [m for m in METRIC_TITLES if any(m in r["metrics"] for r in results["runs"])]
+    titles = [METRIC_TITLES[m] for m in metrics]
+    head = "| arm | " + " | ".join(titles) + " | steps | training s | process wall s |"
+    lines = [head, "|" + "---|" * (len(metrics) + 4)]
     for arm, s in results["summary"].items():
-        cells = [fmt(s[m]) for m in METRICS] + [fmt(s["steps"], 0), fmt(s["train_seconds"], 0),
-                                                  fmt(s["wall_seconds"], 0)]
+        cells = [fmt(s[m]) if m in s else "–" for m in metrics] + [
+            fmt(s["steps"], 0), fmt(s["train_seconds"], 0), fmt(s["wall_seconds"], 0)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "| arm | seed | " + " | ".join(METRIC_TITLES) + " | steps | training s | process wall s |",
-              "|" + "---|" * (len(METRICS) + 5)]
+    lines += ["", "| arm | seed | " + " | ".join(titles) + " | steps | training s | process wall s |",
+              "|" + "---|" * (len(metrics) + 5)]
     for r in results["runs"]:
-        cells = [f"{r['metrics'][m]:.3f}" for m in METRICS] + [str(r["steps"]), f"{r['train_seconds']:.0f}",
-                                                                f"{r['wall_seconds']:.0f}"]
+        cells = [f"{r['metrics'][m]:.3f}" if m in r["metrics"] else "–" for m in metrics] + [
+            str(r["steps"]), f"{r['train_seconds']:.0f}", f"{r['wall_seconds']:.0f}"]
         lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -398,7 +471,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zeroshot", help="zero-shot shards (default: --val)")
     p.add_argument("--label-field", default="group", help="json field of a zero-shot sample's class")
     p.add_argument("--classes", default=str(REPO / "configs/demo_classes.txt"),
-                   help="class list: a text file, one a line, or json {label: name}")
+                   help="class list: a text file, one a line, or json {label: name}; '' for no zero-shot")
+    p.add_argument("--foils", help="a foil test file (vlp/foils formats) to score both arms on")
+    p.add_argument("--foils-images", help="root of the foil file's relative image paths (default: its folder)")
     p.add_argument("--config", type=Path, default=REPO / "configs/demo.yaml", help="the vlp recipe")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the vlp arm")
     p.add_argument("--vlp-ranks", type=int, default=1, help="vlp ranks (deepspeed --num_accelerators)")
@@ -427,15 +502,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from vlp.config import ConfigError, load_config
     from vlp.zeroshot.classes import load_classes
+    from vlp.foils.formats import FoilsError
     from vlp.zeroshot.errors import ZeroShotError
     from vlp.atomic import atomic_write_json, atomic_write_text
 
     try:
         cfg = load_config(args.config, args.set)
-        classes = load_classes(args.classes)
+        classes = load_classes(args.classes) if args.classes else None
         val = load_eval_set(cfg.data, args.val)
-        zeroshot = load_eval_set(cfg.data, args.zeroshot, args.label_field, classes.index())
-    except (ConfigError, ZeroShotError, FileNotFoundError) as err:
+        zeroshot = (load_eval_set(cfg.data, args.zeroshot, args.label_field, classes.index())
+                    if classes is not None else None)
+        foils = FoilEval.read(args.foils, args.foils_images) if args.foils else None
+    except (ConfigError, ZeroShotError, FileNotFoundError, FoilsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     work = args.out / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -444,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                "budget_minutes": args.budget_minutes, "config": str(args.config), "vlp_overrides": args.set,
                "train": args.train, "val": args.val,
                "zeroshot": args.zeroshot, "label_field": args.label_field, "classes": args.classes,
-               "val_images": len(val.keys), "zeroshot_images": len(zeroshot.keys),
-               "skipped": {"val": dict(val.skipped), "zeroshot": dict(zeroshot.skipped)},
+               "val_images": len(val.keys), "zeroshot_images": len(zeroshot.keys) if zeroshot else 0,
+               "foils": args.foils, "foil_tests": len(foils.tests) if foils else 0,
+               "skipped": {"val": dict(val.skipped), "zeroshot": dict(zeroshot.skipped) if zeroshot else {}},
                "eval_texts": "first caption of each val image (.txt)", "runs": []}
 
     def save(run: dict) -> None:
@@ -458,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Bench(args, work, args.budget_minutes * 60, cfg.data.batch_size * cfg.train.grad_accum * args.vlp_ranks,
                   vlp_budget(cfg.train, args.budget_minutes))
-    run_seeds(bench, (val, zeroshot, prompt_sets(classes.names)), len(classes), results, save)
+    prompts = prompt_sets(classes.names) if classes is not None else {}
+    run_seeds(bench, (val, zeroshot, prompts, foils), len(classes) if classes else 0, results, save)
     print(markdown(results))
     print(f"results: {work / 'results.json'}, {work / 'results.md'}")
     return 0

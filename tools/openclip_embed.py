@@ -5,7 +5,7 @@ vlp need not be), so it uses only open_clip, torch, numpy and PIL.
     OPENCLIP_PYTHON tools/openclip_embed.py --model-dir MODELS --model NAME \
         --checkpoint LOGS/NAME/checkpoints/epoch_1.pt --manifest manifest.json --out DIR
 
-manifest.json: {"image_sets": {SET: {"shards": [tar, ...], "keys": [key, ...]}},
+manifest.json: {"image_sets": {SET: {"shards": [tar, ...], "keys": [key, ...]} or {"files": [path, ...]}},
                 "text_sets": {SET: [text, ...]}}
 Writes DIR/SET.npy for every set: L2-normalized float32 rows, in the manifest's order. An
 image is found by its sample key in the set's shards and decoded as open_clip's webdataset
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads(args.manifest.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     for name, spec in manifest["image_sets"].items():
-        np.save(args.out / f"{name}.npy", embed_images(model, preprocess, read_images(spec["shards"], spec["keys"])))
+        images = ([Image.open(path).convert("RGB") for path in spec["files"]] if "files" in spec
+                  else read_images(spec["shards"], spec["keys"]))
+        np.save(args.out / f"{name}.npy", embed_images(model, preprocess, images))
     for name, texts in manifest["text_sets"].items():
         np.save(args.out / f"{name}.npy", embed_texts(model, tokenizer, texts))
     return 0
