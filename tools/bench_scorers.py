@@ -17,7 +17,7 @@ import torch
 from vlp.data import eval_loader
 from vlp.metrics import retrieval_recall
 from vlp.model import load_model_dir
-from vlp.padding import trim_padding
+from vlp.model.scoring import itm_pair_scores
 from vlp.train.evaluate import embed_val_set
 
 
@@ -58,13 +58,7 @@ def score_variants(model, emb: dict, k: int, batch_size: int) -> dict[str, tuple
         out["s·cos + s·filip"] = (s_itc * cos + s_filip * i2t, s_itc * cos + s_filip * t2i)
     if model.has_itm:
         images, texts = candidates(cos, k)
-        states, mask = emb["states"], emb["mask"]
-        probs = torch.empty(len(images))
-        for start in range(0, len(images), batch_size):
-            i, t = images[start:start + batch_size], texts[start:start + batch_size]
-            text_states, text_mask = trim_padding(emb["txt_states"][t], mask[t])
-            probs[start:start + batch_size] = model.itm_scores(
-                attention_mask=text_mask, image_states=states[i], text_states=text_states).float().cpu()
+        probs = itm_pair_scores(model, emb["states"], emb["txt_states"], emb["mask"], images, texts, batch_size)
         base = cos[images, texts]
         log_p = probs.clamp(min=1e-6).log()
         for name, values in {"itm alone (ALBEF)": probs, "cos + p_itm (BLIP)": base + probs,
