@@ -81,3 +81,19 @@ def test_exponent_without_a_dot_is_a_float():
 def test_value_outside_its_choices_names_the_key_and_the_choices(override, key):
     with pytest.raises(ConfigError, match=rf"'{key}' must be one of"):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("override", ["data.crop_scale=[0.9", "data.mean={a: [1", "output_dir='runs/x"])
+def test_yaml_syntax_error_in_an_override_is_a_one_line_error_naming_it(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert f"override '{override}'" in message and "not valid YAML" in message
+    assert "\n" not in message
+
+
+def test_yaml_syntax_error_in_the_config_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batch_size: [8\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML: .*line"):
+        load_config(path)

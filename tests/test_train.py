@@ -201,23 +201,45 @@ def test_zero2_sigterm_saves_a_checkpoint_that_exports(shards, tmp_path):
     assert (tmp_path / "model/model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.stepz=3", "unknown config key 'train.stepz'"),
-    ("data.train=/nonexistent/train-000000.tar", "/nonexistent/train-000000.tar"),
-    ("data.val=/nonexistent/val-{000000..000001}.tar", "/nonexistent/val-000000.tar"),
-    ("train.precision=fp16", "fp16 needs a GPU"),
-])
-def test_user_mistakes_are_clear_errors(shards, tmp_path, capsys, override, message):
+def _pretrain_module():
     sys.path.insert(0, str(REPO / "pipelines"))
     try:
         import pretrain
     finally:
         sys.path.pop(0)
+    return pretrain
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("data.train=/nonexistent/train-000000.tar", "/nonexistent/train-000000.tar"),
+    ("data.val=/nonexistent/val-{000000..000001}.tar", "/nonexistent/val-000000.tar"),
+    ("train.precision=fp16", "fp16 needs a GPU"),
+    ("data.crop_scale=[0.9", "override 'data.crop_scale=[0.9': not valid YAML"),
+])
+def test_user_mistakes_are_clear_errors(shards, tmp_path, capsys, override, message):
+    pretrain = _pretrain_module()
     config = write_config(tmp_path / "cfg.yaml", shards["train"], shards["val"])
     assert pretrain.main(["--config", str(config), f"output_dir={tmp_path / 'run'}", override]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_flags_and_overrides_in_any_order():
+    pretrain = _pretrain_module()
+    args = pretrain.parse_args(["output_dir=runs/x", "--resume", "train.steps=35", "--config", "c.yaml",
+                                "data.batch_size=4"])
+    assert args.resume and args.config == "c.yaml"
+    assert args.overrides == ["output_dir=runs/x", "train.steps=35", "data.batch_size=4"]
+
+
+def test_an_override_after_resume_reaches_the_config(shards, tmp_path, capsys):
+    pretrain = _pretrain_module()
+    config = write_config(tmp_path / "cfg.yaml", shards["train"], shards["val"])
+    assert pretrain.main(["--config", str(config), f"output_dir={tmp_path / 'run'}", "--resume",
+                          "train.stepz=35"]) == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().err
 
 
 def test_eval_of_an_itc_only_model_reports_itc_and_leaves_out_the_missing_heads(shards):

@@ -196,7 +196,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides:
@@ -268,7 +268,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else ""
+    value = _parse_yaml(text, f"override '{item}'") if text else ""
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -276,6 +276,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
     node[parts[-1]] = value
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        # PyYAML's message spans several lines with a caret drawing; its first line and the
+        # position are what the user needs.
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML: {problem}{at}") from None
 
 
 def _check_choices(cfg: Config) -> None:
