@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 from collections import Counter
@@ -15,6 +16,7 @@ from PIL import Image
 from vlp.config import ConfigError, DataConfig, TextConfig
 from vlp.data import (build_tokenizer, eval_loader, eval_transform, expand_spec, image_id,
                       load_image, mixgen, tokenize, train_loader)
+from vlp.data.sources import count_samples
 from vlp.data.writer import ShardWriter, write_sizes
 
 
@@ -421,3 +423,25 @@ def test_tar_header_checksums_with_non_ascii_bytes(tmp_path):
     data[0] ^= 0x80  # still non-ASCII, byte sum off by 128
     with pytest.raises(BrokenTar, match="checksum"):
         list(tar_members(io.BytesIO(bytes(data))))
+
+
+def test_epoch_length_from_img2dataset_stats_when_sizes_json_is_absent(tmp_path):
+    """Order: explicit count > sizes.json > img2dataset's NNNNN_stats.json > an error."""
+    for i, n in enumerate((4, 3)):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"\0" * 1024)  # only counted, never read
+        (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"count": n + 1, "successes": n, "failed_to_download": 1}))
+    spec = str(tmp_path / "{00000..00001}.tar")
+    urls = expand_spec(spec)
+    assert count_samples(urls, None, "data.train_samples") == 7
+    assert count_samples(urls, 20, "data.train_samples") == 20
+    from vlp.data.sources import known_sample_count  # what progress bars use: None when unknown
+    assert known_sample_count(urls) == 7
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 10}))  # wins where it has an entry
+    assert count_samples(urls, None, "data.train_samples") == 13
+    (tmp_path / "00001_stats.json").unlink()
+    with pytest.raises(ConfigError, match=r"00001\.tar.*00001_stats\.json.*data\.train_samples"):
+        count_samples(urls, None, "data.train_samples")
+    assert known_sample_count(urls) is None
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"count": 3}))
+    with pytest.raises(ConfigError, match="no 'successes'"):
+        count_samples(urls, None, "data.train_samples")

@@ -16,9 +16,8 @@ import torch
 from tqdm import tqdm
 
 from vlp.atomic import atomic_write_json
-from vlp.config import ConfigError
 from vlp.data.skips import SkipCounter
-from vlp.data.sources import count_samples
+from vlp.data.sources import known_sample_count
 from vlp.retrieval import store
 from vlp.retrieval.encoder import Encoder
 from vlp.retrieval.shards import RawSample, iter_shard
@@ -70,7 +69,7 @@ def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings:
     mine = shards[rank::world]
     skips = SkipCounter()
     counts = {"embedded": 0, "resumed_chunks": 0, "chunks": 0}
-    bar = tqdm(desc=f"embed rank {rank}", unit="img", dynamic_ncols=True, total=_known_size(mine))
+    bar = tqdm(desc=f"embed rank {rank}", unit="img", dynamic_ncols=True, total=known_sample_count(mine))
     for name, samples in _chunks(mine, settings.chunk_size, skips):
         if name in done:
             counts["resumed_chunks"] += 1
@@ -83,14 +82,6 @@ def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings:
     bar.close()
     counts.update({f"skipped_{k}": v for k, v in skips.total.items()})
     return counts
-
-
-def _known_size(shards: list[str]) -> Optional[int]:
-    """Samples in `shards` from their sizes.json, for the progress bar; None if unknown."""
-    try:
-        return count_samples(shards, None, "shards")
-    except (ConfigError, ValueError, OSError):
-        return None
 
 
 def _chunks(shards: list[str], size: int, skips: SkipCounter) -> Iterator[tuple[str, list[RawSample]]]:

@@ -12,7 +12,7 @@ from vlp.atomic import atomic_write_json
 from tqdm import tqdm
 
 from vlp.zeroshot import report
-from vlp.zeroshot.classes import ClassList, load_classes
+from vlp.zeroshot.classes import ClassList, load_classes, reject_indistinct
 from vlp.zeroshot.classifier import (EmbeddingCache, TextEncoder, ZeroShotClassifier,
                                      model_fingerprint)
 from vlp.zeroshot.errors import ZeroShotError
@@ -64,6 +64,8 @@ def run(opts: ZeroShotOptions) -> dict:
     templates = load_templates(opts.templates)
     out = Path(opts.out)
     model, cfg, tokenizer = load_model(opts.model)
+    reject_indistinct(classes, lambda name: tuple(tokenizer(name, add_special_tokens=False)["input_ids"]),
+                      opts.classes)
     source = open_source(opts.images, opts.label_field)
     source.min_side = cfg.data.image_size
     encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=opts.progress)
@@ -111,7 +113,7 @@ def classify(classifier: ZeroShotClassifier, source: ImageSource, transform,
              classes: ClassList, cfg, batch_size: int, progress: bool = True):
     preds = report.Predictions()
     index = classes.index()
-    bar = tqdm(total=len(source), unit="img", desc=f"zero-shot ({classifier.scoring})",
+    bar = tqdm(total=source.expected_count(), unit="img", desc=f"zero-shot ({classifier.scoring})",
                disable=not progress)
     start = time.perf_counter()
     for keys, labels, images in batches(source, transform, batch_size):

@@ -16,6 +16,7 @@ from typing import Iterator
 from PIL import Image
 
 from vlp.data.images import decode_image
+from vlp.data.sources import known_sample_count
 from vlp.zeroshot.errors import ZeroShotError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ class ImageSource:
         # JPEGs decode at a reduced scale down to this short side (the model's input size).
         self.min_side = 224
 
-    def __len__(self) -> int | None:  # None when unknown (shards without sizes)
+    def expected_count(self) -> int | None:
+        """Images the source will yield before skips; None when unknown (shards whose
+        count neither sizes.json nor img2dataset's stats give)."""
         return None
 
     def __iter__(self) -> Iterator[tuple[str, str | None, Image.Image]]:
@@ -65,7 +68,7 @@ class FileListSource(ImageSource):
         self.kind = kind
         self.labelled = kind == "imagefolder"
 
-    def __len__(self) -> int:
+    def expected_count(self) -> int:
         return len(self.items)
 
     def __iter__(self):
@@ -84,9 +87,9 @@ class ShardSource(ImageSource):
         self.urls = urls
         self.label_field = label_field
         self.labelled = label_field is not None
-        self.size = _shard_sizes(urls)
+        self.size = known_sample_count(urls)
 
-    def __len__(self) -> int | None:
+    def expected_count(self) -> int | None:
         return self.size
 
     def __iter__(self):
@@ -192,15 +195,3 @@ def _expand_shards(spec: str) -> list[str]:
     if missing or not urls:
         raise ZeroShotError(f"shards not found: {missing[:5] or spec}")
     return urls
-
-
-def _shard_sizes(urls: list[str]) -> int | None:
-    """Total sample count from sizes.json (name -> count) next to the shards, if present."""
-    total = 0
-    for url in urls:
-        sizes_file = Path(url).parent / "sizes.json"
-        try:
-            total += int(json.loads(sizes_file.read_text())[Path(url).name])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return total
