@@ -41,6 +41,9 @@ class DataConfig:
     # Off by default: captions say "left"/"right", a flip would make them lies.
     hflip: bool = False
     max_len: int = 32
+    # Pixel budget per image, after JPEG's reduced-scale decoding; checked from the header
+    # before decoding. Larger images are counted skips (`image_too_large`); 0: no budget.
+    max_image_pixels: int = 40_000_000
     # MixGen (Hao et al. 2023): blend two images, join their captions.
     mixgen_prob: float = 0.0
     mixgen_lambda: float = 0.5
@@ -301,5 +304,7 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError("config key 'model.text.fusion_layers' must be >= 0")
     if not 0.0 < cfg.model.filip_token_fraction <= 1.0:
         raise ConfigError("config key 'model.filip_token_fraction' must be in (0, 1]")
+    if cfg.data.max_image_pixels < 0:
+        raise ConfigError("config key 'data.max_image_pixels' must be >= 0 (0: no budget)")
     if cfg.data.batch_size < 1:
         raise ConfigError("config key 'data.batch_size' must be >= 1")

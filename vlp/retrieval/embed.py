@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from vlp.atomic import atomic_write_json
+from vlp.data.images import ImageTooLarge
 from vlp.data.skips import SkipCounter
 from vlp.data.sources import known_sample_count
 from vlp.retrieval import store
@@ -104,8 +105,9 @@ def _embed_chunk(encoder: Encoder, index_dir: Path, name: str, samples: list[Raw
         tensors = encoder.decode_many([s.image_bytes for s in batch])
         kept = []
         for sample, tensor in zip(batch, tensors):
-            if tensor is None:
-                skips.record("bad_image", f"{sample.shard}:{sample.key}")
+            if isinstance(tensor, ValueError):
+                reason = "image_too_large" if isinstance(tensor, ImageTooLarge) else "bad_image"
+                skips.record(reason, f"{sample.shard}:{sample.key}: {tensor}")
             else:
                 kept.append((sample, tensor))
         if not kept:

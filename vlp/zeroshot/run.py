@@ -67,7 +67,7 @@ def run(opts: ZeroShotOptions) -> dict:
     reject_indistinct(classes, lambda name: tuple(tokenizer(name, add_special_tokens=False)["input_ids"]),
                       opts.classes)
     source = open_source(opts.images, opts.label_field)
-    source.min_side = cfg.data.image_size
+    source.min_side, source.max_pixels = cfg.data.image_size, cfg.data.max_image_pixels
     encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=opts.progress)
     cache = EmbeddingCache(Path(opts.cache_dir) if opts.cache_dir else out / "cache",
                            model_fingerprint(Path(opts.model)))

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from vlp.data.images import decode_image
+from vlp.data.images import ImageTooLarge, decode_image
 from vlp.data.sources import known_sample_count
 from vlp.zeroshot.errors import ZeroShotError
 
@@ -35,6 +35,8 @@ class ImageSource:
         self.skipped: Counter[str] = Counter()
         # JPEGs decode at a reduced scale down to this short side (the model's input size).
         self.min_side = 224
+        # Pixel budget per image (the model config's data.max_image_pixels); 0: none.
+        self.max_pixels = 40_000_000
 
     def expected_count(self) -> int | None:
         """Images the source will yield before skips; None when unknown (shards whose
@@ -53,10 +55,12 @@ class ImageSource:
         try:
             # The training decoder, so transparency is flattened the same way.
             return decode_image(data.read_bytes() if isinstance(data, Path) else data,
-                                self.min_side)
+                                self.min_side, self.max_pixels)
+        except ImageTooLarge as err:
+            self.skip("image too large", key, err)
         except Exception as err:  # PIL raises many types for bad files
             self.skip("unreadable image", key, err)
-            return None
+        return None
 
 
 class FileListSource(ImageSource):
