@@ -13,9 +13,8 @@ from PIL import Image
 
 from vlp.config import Config
 from vlp.data import eval_transform, tokenize
-from vlp.model import build_model, save_model_dir
-from vlp.zeroshot.classifier import (EmbeddingCache, TextEncoder, ZeroShotClassifier,
-                                     model_fingerprint, prompts_for)
+from vlp.model import build_model, model_dir_fingerprint, save_model_dir
+from vlp.zeroshot.classifier import EmbeddingCache, TextEncoder, ZeroShotClassifier, prompts_for
 from vlp.zeroshot.coop import learned_class_embeddings, load_context, tune_context
 from vlp.zeroshot.run import load_model
 
@@ -186,7 +185,7 @@ def test_itc_filip_itm_agree_with_direct_model_calls(model_dir, held_out):
 def test_class_embedding_cache(model_dir, tmp_path):
     model, cfg, tokenizer = load_model(model_dir)
     encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=False)
-    cache = EmbeddingCache(tmp_path, model_fingerprint(model_dir))
+    cache = EmbeddingCache(tmp_path, model_dir_fingerprint(model_dir))
     first = ZeroShotClassifier(model, encoder, ["red", "blue"], ["a {}"], cache=cache)
     again = ZeroShotClassifier(model, encoder, ["red", "blue"], ["a {}"], cache=cache)
     assert cache.hits == 1

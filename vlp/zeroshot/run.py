@@ -13,8 +13,7 @@ from tqdm import tqdm
 
 from vlp.zeroshot import report
 from vlp.zeroshot.classes import ClassList, load_classes, reject_indistinct
-from vlp.zeroshot.classifier import (EmbeddingCache, TextEncoder, ZeroShotClassifier,
-                                     model_fingerprint)
+from vlp.zeroshot.classifier import EmbeddingCache, TextEncoder, ZeroShotClassifier
 from vlp.zeroshot.errors import ZeroShotError
 from vlp.zeroshot.sources import ImageSource, open_source
 from vlp.zeroshot.templates import LearnedPrompt, load_templates
@@ -69,8 +68,9 @@ def run(opts: ZeroShotOptions) -> dict:
     source = open_source(opts.images, opts.label_field)
     source.min_side, source.max_pixels = cfg.data.image_size, cfg.data.max_image_pixels
     encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=opts.progress)
+    from vlp.model import model_dir_fingerprint  # loaded with the model above
     cache = EmbeddingCache(Path(opts.cache_dir) if opts.cache_dir else out / "cache",
-                           model_fingerprint(Path(opts.model)))
+                           model_dir_fingerprint(opts.model))
     if opts.tune_prompts:
         from vlp.zeroshot.coop import tune_and_compare
         return tune_and_compare(opts, model, cfg, encoder, classes, templates, source, cache)
