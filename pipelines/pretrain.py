@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     try:
         cfg = load_config(args.config, overrides)
+        from vlp.train.checkpoint import CheckpointError
         from vlp.train.loop import pretrain
         pretrain(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, CheckpointError) as err:
         print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -158,6 +158,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # "auto" resumes from the newest checkpoint in output_dir; a path resumes from it.
     resume: Optional[str] = None
+    # A new run into an output_dir that holds an earlier run is refused unless this is true;
+    # then the earlier run's checkpoints, metrics and model are deleted first.
+    overwrite: bool = False
     seed: int = 0
     # CPU intra-op threads per rank; 0 splits the usable cores between the local ranks.
     threads: int = 0

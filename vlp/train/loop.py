@@ -23,6 +23,7 @@ from vlp.train.engine import build_engine, config_precision, deepspeed_config, r
 from vlp.train.evaluate import evaluate, format_table
 from vlp.train.launch import World, init_distributed
 from vlp.train.progress import Meter, RunLog
+from vlp.train.rundir import prepare_run_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -120,6 +121,7 @@ class Trainer:
         expand_spec(cfg.data.train, "data.train")
         if cfg.data.val:
             expand_spec(cfg.data.val, "data.val")  # not at the first eval, minutes later
+        prepare_run_dir(Path(cfg.output_dir), cfg.train.resume, cfg.train.overwrite)
         accelerator = get_accelerator()
         precision = resolve_precision(cfg.train.precision, accelerator.device_name() != "cpu",
                                       accelerator.is_bf16_supported())
@@ -157,7 +159,7 @@ class Trainer:
         spec = self.cfg.train.resume
         if not spec:
             return
-        path = checkpoint.find_checkpoint(spec, self.ckpt_dir)
+        path = checkpoint.find_checkpoint(spec, self.ckpt_dir, self.world)
         if path is None:
             if self.world.is_main:
                 print(f"resume=auto: no checkpoint in {self.ckpt_dir}, starting fresh", flush=True)
