@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("train.resume=auto")
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    from vlp.train.checkpoint import CheckpointError
+
     try:
         cfg = load_config(args.config, overrides)
-        from vlp.train.checkpoint import CheckpointError
         from vlp.train.loop import pretrain
         pretrain(cfg)
     except (ConfigError, FileNotFoundError, CheckpointError) as err:
