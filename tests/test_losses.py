@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.losses import (IGNORE, LossWeighting, caption_loss, contrastive_loss, filip_loss,
+from vlp.losses import (IGNORE, caption_loss, contrastive_loss, filip_loss, sigmoid_loss,
                         filip_similarity, itm_loss, lm_targets, sample_hard_negatives, select_tokens)
 
 
@@ -31,6 +31,40 @@ def test_itc_matches_loop_reference():
         t2i = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(6)])
         rows.append(0.5 * (ce_row(i2t, i) + ce_row(t2i, i)))
     assert out["loss"].item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
+
+
+def test_itc_with_hard_negative_columns_matches_loop_reference():
+    img, txt, neg, scale = unit(4, 8, seed=21), unit(4, 8, seed=22), unit(3, 8, seed=23), torch.tensor(8.0)
+    out = contrastive_loss(img, txt, scale, negative_emb=neg)
+    rows = []
+    for i in range(4):
+        i2t = torch.stack([scale * torch.dot(img[i], t) for t in list(txt) + list(neg)])  # negatives: columns
+        t2i = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(4)])          # ...never rows
+        rows.append(0.5 * (ce_row(i2t, i) + ce_row(t2i, i)))
+    assert out["loss"].item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
+
+
+# ------------------------------------------------------------------ SigLIP
+
+def test_sigmoid_loss_matches_loop_reference():
+    img, txt = unit(5, 8, seed=13), unit(5, 8, seed=14)
+    scale, bias = torch.tensor(10.0), torch.tensor(-4.0)
+    out = sigmoid_loss(img, txt, scale, bias)
+    total = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if i == j else -1.0
+            total += -math.log(1 / (1 + math.exp(-z * (scale * torch.dot(img[i], txt[j]) + bias).item())))
+    assert out["loss"].item() == pytest.approx(total / 5, rel=1e-5)
+
+
+def test_siglip_objective_starts_at_log_10_and_bias_minus_10():
+    from vlp.config import load_config
+    from vlp.losses import SigLIP
+
+    cfg = load_config(overrides=["loss.siglip=1"])
+    objective = SigLIP(cfg.loss.siglip, cfg.loss)
+    assert objective.logit_scale().item() == pytest.approx(10.0) and objective.bias.item() == -10.0
 
 
 # ------------------------------------------------------------------ FILIP
@@ -71,6 +105,18 @@ def test_filip_loss_matches_loop_reference():
     ref_i2t, ref_t2i = filip_reference(img, txt, mask)
     ref = torch.stack([0.5 * (ce_row(scale * ref_i2t[i], i) + ce_row(scale * ref_t2i[:, i], i))
                        for i in range(4)]).mean()
+    assert out["loss"].item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_filip_with_hard_negative_columns_matches_loop_reference():
+    img, txt, mask = unit(3, 5, 8, seed=24), unit(3, 6, 8, seed=25), random_mask(3, 6, seed=26)
+    neg, neg_mask = unit(2, 4, 8, seed=27), random_mask(2, 4, seed=28)
+    scale = torch.tensor(9.0)
+    out = filip_loss(img, txt, mask, scale, chunk=2, negatives=(neg, neg_mask))
+    ref_i2t, ref_t2i = filip_reference(img, txt, mask)
+    neg_i2t, _ = filip_reference(img, neg, neg_mask)
+    ref = torch.stack([0.5 * (ce_row(scale * torch.cat([ref_i2t[i], neg_i2t[i]]), i) + ce_row(scale * ref_t2i[:, i], i))
+                       for i in range(3)]).mean()
     assert out["loss"].item() == pytest.approx(ref.item(), abs=1e-5)
 
 
@@ -186,22 +232,6 @@ def test_caption_loss_matches_loop_reference_with_label_smoothing():
 
 
 # ------------------------------------------------------------------ weighting
-
-def test_uncertainty_weighting_follows_kendall():
-    weighting = LossWeighting({"itc": 1.0, "lm": 0.5, "filip": 0.0}, "uncertainty")
-    assert set(weighting.log_vars) == {"itc", "lm"}
-    with torch.no_grad():
-        weighting.log_vars["itc"].fill_(0.3)
-        weighting.log_vars["lm"].fill_(-0.2)
-    total, metrics = weighting({"itc": torch.tensor(2.0), "lm": torch.tensor(4.0)})
-    ref = (math.exp(-0.3) * 2.0 + 0.3) + 0.5 * (math.exp(0.2) * 4.0 - 0.2)
-    assert total.item() == pytest.approx(ref, abs=1e-5)
-    assert metrics["weight_lm"].item() == pytest.approx(0.5 * math.exp(0.2), abs=1e-5)
-    fixed, _ = LossWeighting({"itc": 1.0, "lm": 0.5}, "fixed")({"itc": torch.tensor(2.0), "lm": torch.tensor(4.0)})
-    assert fixed.item() == pytest.approx(4.0)
-    with pytest.raises(ValueError, match="weighting"):
-        LossWeighting({"itc": 1.0}, "learned")
-
 
 def test_filip_backward_does_not_keep_the_full_token_similarity():
     """Autograd may save the tokens and per-pair argmax indices, never B_i·B_t·P·Q values."""

@@ -25,9 +25,9 @@ def tiny_cfg(**weights) -> Config:
     t.width, t.depth, t.heads, t.intermediate, t.vocab_size, t.max_positions = 32, 3, 2, 64, 128, 32
     t.fusion_layers = 1
     cfg.model.embed_dim, cfg.model.filip_dim = 16, 16
-    cfg.loss.filip_precision = "fp32"
+    cfg.loss.filip.precision = "fp32"
     for name, value in weights.items():
-        setattr(cfg.loss, name, value)
+        cfg.loss.objectives[name].weight = value
     return cfg
 
 
@@ -65,12 +65,12 @@ def test_forward_returns_all_named_losses_and_metrics():
     total = sum(out[name] for name in OBJECTIVES)
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5)
     out["loss"].backward()
-    assert model.itc.scale.log_scale.grad is not None and model.itm_head.weight.grad is not None
+    assert model.objectives["itc"].scale.log_scale.grad is not None and model.itm_head.weight.grad is not None
 
 
 def test_zero_weight_skips_the_objective_entirely():
     model = build_model(tiny_cfg(filip=0.0, lm=0.0))
-    assert not hasattr(model, "filip") and not hasattr(model, "image_token_proj")
+    assert "filip" not in model.objectives and not hasattr(model, "image_token_proj")
     calls = []
     model.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
     model.decoder.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
@@ -133,7 +133,9 @@ def test_duplicate_images_in_a_batch_are_never_negatives():
 
 def test_lm_batch_fraction_captions_part_of_the_training_batch_and_all_of_the_val_batch():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(itc=0.0, filip=0.0, itm=0.0, lm=1.0, lm_batch_fraction=0.5))
+    cfg = tiny_cfg(itc=0.0, filip=0.0, itm=0.0, lm=1.0)
+    cfg.loss.lm.batch_fraction = 0.5
+    model = build_model(cfg)
     rows = []
     model.decoder.layers[0].register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     batch = tiny_batch(b=5)
@@ -141,33 +143,30 @@ def test_lm_batch_fraction_captions_part_of_the_training_batch_and_all_of_the_va
     part = model(batch)["lm"]
     assert rows == [3]  # ceil(0.5 * 5)
     # The loss is exactly the one of the first three pairs alone.
-    model.lm_batch_fraction = 1.0
+    model.objectives["lm"].options.batch_fraction = 1.0
     torch.manual_seed(1)
     alone = model({k: v[:3] for k, v in batch.items()})["lm"]
     torch.testing.assert_close(part, alone)
-    model.lm_batch_fraction = 0.5
+    model.objectives["lm"].options.batch_fraction = 0.5
     model.eval()
     rows.clear()
     model(batch)
     assert rows == [5]  # evaluation captions every pair
-    for bad in (0.0, 1.5):
-        with pytest.raises(ConfigError, match="lm_batch_fraction"):
-            build_model(tiny_cfg(lm_batch_fraction=bad))
 
 
 @pytest.mark.parametrize("step, hardness", [(0, 0.0), (5, 0.5), (10, 1.0), (50, 1.0)])
 def test_itm_negatives_warm_up_from_uniform_to_hard(monkeypatch, step, hardness):
-    import vlp.model.vlp_model as vlp_model
+    import vlp.losses.matching as matching
 
     torch.manual_seed(0)
     cfg = tiny_cfg(filip=0.0, lm=0.0)
-    cfg.loss.itm_hard_negatives_warmup = 10
+    cfg.loss.itm.hard_negatives_warmup = 10
     model = build_model(cfg).eval()  # no dropout: the logits are recomputed below
     drawn = []
-    real = vlp_model.sample_hard_negatives
-    monkeypatch.setattr(vlp_model, "sample_hard_negatives",
+    real = matching.sample_hard_negatives
+    monkeypatch.setattr(matching, "sample_hard_negatives",
                         lambda logits, forbidden: drawn.append(logits) or real(logits, forbidden))
-    model.set_training_step(step)
+    model.set_training_progress(step, 0.0)
     batch = tiny_batch(b=6)
     model(batch)
     with torch.no_grad():
@@ -180,8 +179,8 @@ def test_itm_negatives_warm_up_from_uniform_to_hard(monkeypatch, step, hardness)
 
 def test_without_warmup_itm_negatives_are_hard_from_the_first_step():
     model = build_model(tiny_cfg(filip=0.0, lm=0.0))
-    model.set_training_step(0)
-    assert model.itm_hardness == 1.0
+    model.set_training_progress(0, 0.0)
+    assert model.objectives["itm"].hardness == 1.0
 
 
 def test_eval_itm_rerank_from_text_states_equals_the_models_itm_scores():
@@ -232,20 +231,20 @@ def test_precomputed_states_and_embeds_give_the_same_scores():
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         states = model.encode_text_states(ids, mask)
-        torch.testing.assert_close(model.encode_text(None, mask, text_states=states),
+        torch.testing.assert_close(model.encode_text(attention_mask=mask, text_states=states),
                                    model.encode_text(ids, mask))
-        torch.testing.assert_close(model.encode_text_tokens(None, mask, text_states=states),
+        torch.testing.assert_close(model.encode_text_tokens(attention_mask=mask, text_states=states),
                                    model.encode_text_tokens(ids, mask))
         torch.testing.assert_close(
-            model.itm_scores(None, mask, images=batch["image"], text_states=states),
+            model.itm_scores(attention_mask=mask, images=batch["image"], text_states=states),
             model.itm_scores(ids, mask, images=batch["image"]))
         embeds = model.text.embeddings.word_embeddings(ids)
-        torch.testing.assert_close(model.encode_text(None, mask, inputs_embeds=embeds),
+        torch.testing.assert_close(model.encode_text(attention_mask=mask, inputs_embeds=embeds),
                                    model.encode_text(ids, mask))
         image_states = model.encode_image_states(batch["image"])
-        torch.testing.assert_close(model.encode_image(None, image_states=image_states),
+        torch.testing.assert_close(model.encode_image(image_states=image_states),
                                    model.encode_image(batch["image"]))
-        torch.testing.assert_close(model.encode_image_tokens(None, image_states=image_states),
+        torch.testing.assert_close(model.encode_image_tokens(image_states=image_states),
                                    model.encode_image_tokens(batch["image"]))
 
 

@@ -16,7 +16,7 @@ def make_model():
 
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    cfg.model.filip_token_fraction = 1.0
+    cfg.loss.filip.token_fraction = 1.0
     return build_model(cfg).eval()
 
 
@@ -30,17 +30,17 @@ def global_batch():
 
 def _rank_main(rank: int) -> dict:
     torch.set_num_threads(1)
-    import vlp.model.vlp_model as vlp_model
+    import vlp.losses.matching as matching
 
     draws = []
-    sample = vlp_model.sample_hard_negatives
+    sample = matching.sample_hard_negatives
 
     def spy(logits, forbidden, *args, **kwargs):
         index, valid = sample(logits, forbidden, *args, **kwargs)
         draws.append((forbidden, index, valid))
         return index, valid
 
-    vlp_model.sample_hard_negatives = spy
+    matching.sample_hard_negatives = spy
     model = make_model()
     local = {k: v[rank * 3:(rank + 1) * 3] for k, v in global_batch().items()}
     torch.manual_seed(rank)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,11 +69,18 @@ def write_config(path: Path, train: str, val: str, **train_overrides) -> Path:
         "data": {"train": train, "val": val, "batch_size": 4, "eval_batch_size": 8, "workers": 1,
                  "shuffle_buffer": 8, "image_size": 16, "max_len": 10, "crop_scale": [0.9, 1.0]},
         "train": {"steps": 6, "warmup_steps": 2, "lr": 1e-3, "log_every": 1, "eval_every": 0,
-                  "checkpoint_every": 3, "keep_checkpoints": 3, **train_overrides},
+                  "checkpoint_every": 3, "keep_checkpoints": 3, "precision": "bf16", **train_overrides},
         "eval": {"itm_rerank_k": 3, "batch_size": 16},
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def free_port() -> str:
+    """A port nobody listens on now: fixed ports collide when two test runs share a machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -95,7 +103,7 @@ def launched(shards, tmp_path_factory) -> dict[str, Path]:
     3 and 6; then a second launch resumes the step-3 checkpoint into another directory."""
     tmp = tmp_path_factory.mktemp("launched")
     config = write_config(tmp / "cfg.yaml", shards["train"], shards["val"], zero_stage=3)
-    launcher = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", "29731", PRETRAIN,
+    launcher = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", free_port(), PRETRAIN,
                 "--config", str(config)]
     full, resumed = tmp / "full", tmp / "resumed"
     run(launcher + [f"output_dir={full}"])
@@ -259,7 +267,7 @@ def test_eval_of_an_itc_only_model_reports_itc_and_leaves_out_the_missing_heads(
     text.width, text.depth, text.heads, text.intermediate, text.max_positions = 32, 2, 2, 64, 16
     text.fusion_layers = 0
     cfg.model.decoder.enabled = False
-    cfg.loss.filip = cfg.loss.itm = cfg.loss.lm = 0.0
+    cfg.loss.filip.weight = cfg.loss.itm.weight = cfg.loss.lm.weight = 0.0
     cfg.data.val, cfg.data.max_len, cfg.data.eval_batch_size = shards["val"], 10, 4
     model = build_model(cfg)
     batches = eval_loader(cfg.data, build_tokenizer(cfg.model.text), rank=0, world_size=1)

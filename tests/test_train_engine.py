@@ -13,7 +13,9 @@ from torch import nn
 
 from vlp.config import ConfigError, TrainConfig
 from vlp.train import checkpoint
-from vlp.train.engine import deepspeed_config, param_groups, resolve_precision, warmup_cosine
+from vlp.train.budget import Budget, schedule_factor
+from vlp.train.engine import deepspeed_config, param_groups
+from vlp.train.precision import resolve_precision
 from vlp.train.evaluate import RERANK_OFFSET, itm_rerank
 
 
@@ -71,6 +73,12 @@ def test_no_weight_decay_on_norms_biases_temperatures_and_positions():
     assert no_decay["weight_decay"] == 0.0
 
 
+def warmup_cosine(step, warmup_steps, total_steps, min_ratio):
+    """Without a budget the schedule is the classic per-step warmup + cosine."""
+    return schedule_factor(Budget(0, total_steps).progress(step), warmup_steps / total_steps,
+                           min_ratio, first_step=1 / total_steps)
+
+
 def test_warmup_then_cosine_to_the_floor():
     lrs = [warmup_cosine(s, warmup_steps=10, total_steps=110, min_ratio=0.1) for s in range(111)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -97,7 +105,7 @@ def test_checkpoint_lookup_ignores_unfinished_saves(tmp_path):
 class Matcher:
     """itm_scores stand-in: matches text i to image i//2 with probability 1."""
 
-    def itm_scores(self, input_ids, attention_mask, image_states=None, text_states=None):
+    def itm_scores(self, input_ids=None, attention_mask=None, images=None, *, image_states=None, text_states=None):
         return (text_states[:, 0, 0].long() // 2 == image_states[:, 0, 0].long()).float()
 
 
@@ -128,12 +136,15 @@ def test_plot_run_draws_losses_and_evals(tmp_path):
     spec.loader.exec_module(module)
     plot = module.plot
 
-    lines = [{"step": s, "kind": "train", "loss": 5 - s / 10, "itc": 3 - s / 20} for s in range(1, 20)]
+    lines = [{"step": s, "kind": "train", "loss": 5 - s / 10, "itc": 3 - s / 20, "siglip": 2 - s / 30,
+              "weight_itc": 1.0, "weight_siglip": 1 + s / 40} for s in range(1, 20)]
     lines += [{"step": 10, "kind": "eval", "loss": {"itc": 2.0},
                **{m: {"t2i_r1": 0.1, "t2i_r10": 0.5, "i2t_r10": 0.4} for m in ("itc", "itm_rerank", "filip")}}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut")
     out = plot(tmp_path, tmp_path / "p.png")
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+    # Objectives come from what the run logged, not from a fixed list.
+    assert module.objective_names(module.read_metrics(tmp_path)[0]) == ["itc", "siglip"]
 
 
 def test_text_tower_gets_its_own_learning_rate():

@@ -36,8 +36,8 @@ def tiny_config() -> Config:
     t.width, t.depth, t.heads, t.intermediate, t.fusion_layers = 64, 2, 2, 128, 1
     cfg.model.decoder.enabled = False
     cfg.model.embed_dim, cfg.model.filip_dim = 32, 32
-    cfg.loss.lm, cfg.loss.itm = 0.0, 0.0  # the ITM head exists (fusion layer) but stays untrained
-    cfg.loss.filip_precision = "fp32"
+    cfg.loss.lm.weight, cfg.loss.itm.weight = 0.0, 0.0  # the ITM head exists (fusion layer) but stays untrained
+    cfg.loss.filip.precision = "fp32"
     return cfg
 
 
@@ -265,10 +265,14 @@ def test_coop_lowers_loss_and_round_trips(model_dir, held_out, classes_json, tmp
     targets = torch.tensor([1] * 12 + [0] * 12)  # class order in classes_json: red, blue
     with torch.no_grad():
         features = model.encode_image(images)
+    model.image_proj.weight.requires_grad_(False)  # the caller's own choice must survive
     ctx, losses = tune_context(model, encoder, ["red square", "blue square"], features, targets,
                                n_ctx=2, steps=15, lr=1e-2)
     assert ctx.shape == (2, model.text.width)
     assert losses[-1] < losses[0]
+    # The towers are frozen while tuning and handed back as they were.
+    assert not model.image_proj.weight.requires_grad
+    assert all(p.requires_grad for name, p in model.named_parameters() if name != "image_proj.weight")
 
     prompt = tmp_path / "ctx.safetensors"
     code, out, _ = _cli(capsys, "--model", model_dir, "--images", held_out, "--classes", classes_json,

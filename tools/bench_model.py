@@ -23,11 +23,11 @@ from pathlib import Path
 # name -> overrides on top of the config; every objective not named is switched off.
 VARIANTS = {
     "itc": ["loss.itc=1"],
-    "filip (all tokens)": ["loss.filip=1", "model.filip_token_fraction=1.0"],
-    "filip (top 25% tokens)": ["loss.filip=1", "model.filip_token_fraction=0.25"],
+    "filip (all tokens)": ["loss.filip=1", "loss.filip.token_fraction=1.0"],
+    "filip (top 25% tokens)": ["loss.filip=1", "loss.filip.token_fraction=0.25"],
     "itm": ["loss.itm=1"],
     "lm": ["loss.lm=1"],
-    "itc+filip(25%)+itm+lm": ["loss.itc=1", "loss.filip=1", "model.filip_token_fraction=0.25",
+    "itc+filip(25%)+itm+lm": ["loss.itc=1", "loss.filip=1", "loss.filip.token_fraction=0.25",
                               "loss.itm=1", "loss.lm=1"],
 }
 OFF = ["loss.itc=0", "loss.filip=0", "loss.itm=0", "loss.lm=0"]

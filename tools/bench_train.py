@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 ITC_ONLY = ["loss.filip=0", "loss.itm=0", "loss.lm=0"]
 # The objective-cost rows caption the whole batch; "all-demo" is configs/demo.yaml as is
 # (captioning half of each batch).
-ALL = ["loss.lm_batch_fraction=1"]
+ALL = ["loss.lm.batch_fraction=1"]
 SETTINGS = {
     # name: (ranks, overrides)
     "itc": (1, ITC_ONLY),
@@ -58,7 +58,8 @@ def run_setting(name: str, ranks: int, overrides: list[str], warmup: int, steps:
     out = work / name
     args = ["--config", str(config), f"output_dir={out}", "data.val=",
             f"train.steps={warmup + steps}", "train.log_every=1", "train.checkpoint_every=0",
-            f"train.warmup_steps={warmup}", f"data.batch_size={batch}", *extra, *overrides]
+            f"train.warmup_steps={warmup}", f"data.batch_size={batch}", "train.precision=bf16",
+            *extra, *overrides]
     script = str(REPO / "pipelines/pretrain.py")
     if ranks == 1:
         cmd = [sys.executable, script, *args]

@@ -1,4 +1,4 @@
-"""Plot a run's loss terms and eval metrics over steps into a PNG.
+"""Plot a run's loss terms, objective weights and eval metrics over steps into a PNG.
 
     python tools/plot_run.py runs/demo            # → runs/demo/metrics.png
     python tools/plot_run.py runs/demo --out plot.png
@@ -15,7 +15,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOSS_TERMS = ("loss", "itc", "filip", "itm", "lm")
 METHODS = ("itc", "itm_rerank", "filip")
 
 
@@ -36,25 +35,40 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def objective_names(train: list[dict]) -> list[str]:
+    """Every objective a run logged: the model logs `weight_<name>` beside each loss."""
+    names = {key[len("weight_"):] for r in train for key in r if key.startswith("weight_")}
+    return sorted(names)
+
+
 def plot(run_dir: Path, out: Path) -> Path:
     train, evals = read_metrics(run_dir)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    objectives = objective_names(train)
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     ax = axes[0]
-    for term in LOSS_TERMS:
+    for term in ("loss", *objectives):
         points = [(r["step"], r[term]) for r in train if term in r]
         if points:
             ax.plot(*zip(*points), label=term, lw=2 if term == "loss" else 1)
     ax.set(title="training loss", xlabel="step", yscale="log")
     ax.legend()
     ax = axes[1]
-    for term in LOSS_TERMS:
+    for term in objectives:
+        points = [(r["step"], r[f"weight_{term}"]) for r in train if f"weight_{term}" in r]
+        if points:
+            ax.plot(*zip(*points), label=term)
+    ax.set(title="objective weights (configured × curriculum × balancing)", xlabel="step")
+    if objectives:
+        ax.legend()
+    ax = axes[2]
+    for term in ("loss", *objectives):
         points = [(r["step"], r["loss"][term]) for r in evals if term in r.get("loss", {})]
         if points:
             ax.plot(*zip(*points), marker="o", label=f"val {term}")
     ax.set(title="val loss", xlabel="step", yscale="log")
     if evals:
         ax.legend()
-    ax = axes[2]
+    ax = axes[3]
     for method in METHODS:
         for key, style in (("t2i_r10", "-"), ("t2i_r1", ":"), ("i2t_r10", "--")):
             points = [(r["step"], r[method][key]) for r in evals if method in r]

@@ -15,9 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message names the key."""
+from vlp.errors import ConfigError
+from vlp import losses
 
 
 # --------------------------------------------------------------------------- sections
@@ -103,41 +102,70 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     embed_dim: int = 256
     filip_dim: int = 256
-    # Fraction of image/text tokens kept (by FILIP score magnitude) before the gather.
-    filip_token_fraction: float = 1.0
     grad_checkpointing: bool = False
 
 
+def _default_objectives() -> dict[str, Any]:
+    return {objective.name: objective.Options() for objective in losses.OBJECTIVES}
+
+
 @dataclass
-class LossConfig:
-    itc: float = 1.0
-    filip: float = 1.0
-    itm: float = 1.0
-    lm: float = 1.0
-    # "fixed" uses the weights above; "uncertainty" learns log-variances (Kendall et al.).
+class TextNegativesConfig:
+    # Composition-aware hard negatives (NegCLIP): for this fraction of the training captions
+    # a copy that keeps the words and breaks the meaning (vlp/data/perturb.py) joins ITC,
+    # SigLIP and FILIP as an extra negative column and ITM as a negative pair. 0: off (free).
+    fraction: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: ["swap_objects", "swap_attributes", "flip_relation",
+                                                      "shuffle"])
+
+
+@dataclass
+class SharedLossConfig:
+    """The `loss` keys that are not an objective's section."""
+    # fixed | uncertainty (Kendall et al.) | dwa (dynamic weight average) | gradnorm.
     weighting: str = "fixed"
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
-    # FILIP token similarity is computed in this dtype, in chunks of this many texts.
-    filip_precision: str = "bf16"
-    filip_chunk: int = 64
-    itm_global_negatives: bool = True
-    # ITM negatives are drawn ∝ softmax(hardness · ITC logits). Hardness ramps linearly from
-    # 0 (uniform: easy negatives) to 1 (ALBEF/BLIP's hard negatives) over this many steps.
-    # From the first step, hard negatives are near-copies of the positives the fusion layers
-    # cannot yet tell apart, and ITM settles at the constant 1:2 guess.
-    itm_hard_negatives_warmup: int = 0
-    label_smoothing: float = 0.1
-    # Captioning loss on this fraction of each batch (its first pairs; batches are shuffled).
-    # The decoder and its vocabulary projection are the costliest objective: on the demo,
-    # 0.5 makes a four-objective step ~1.35x faster.
-    lm_batch_fraction: float = 1.0
+    # DWA: weights from the ratio of each loss's means over the last two windows of this
+    # many training passes, softened by the temperature (Liu et al. use T = 2).
+    balance_window: int = 20
+    dwa_temperature: float = 2.0
+    # GradNorm: asymmetry α (0.5-1.5 in Chen et al.) and the weights' own Adam LR.
+    gradnorm_alpha: float = 1.5
+    gradnorm_lr: float = 0.025
+    text_negatives: TextNegativesConfig = field(default_factory=TextNegativesConfig)
+
+
+@dataclass
+class LossConfig(SharedLossConfig):
+    """Shared loss settings, and a section per objective, `loss.<name>` (its `Options` in
+    vlp/losses/<module>.py; `loss.<name>: 0.5` is short for its weight): itc, siglip,
+    filip, itm, lm."""
+    objectives: dict[str, Any] = field(default_factory=_default_objectives)
+
+    def __getattr__(self, name: str) -> Any:
+        objectives = self.__dict__.get("objectives", {})
+        if name in objectives:
+            return objectives[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or objective {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("objectives", {}):
+            raise AttributeError(f"loss.{name} is a section: set loss.{name}.weight (or another of its options)")
+        super().__setattr__(name, value)
 
 
 @dataclass
 class TrainConfig:
+    # The run ends at train.steps or when train.max_minutes of wall-clock training time are
+    # spent (0: no time budget), whichever comes first; either way it saves, evaluates and
+    # exports. Under a budget the LR schedule follows elapsed time, so warmup and decay
+    # finish inside the budget however fast the machine is.
     steps: int = 600
+    max_minutes: float = 0.0
     warmup_steps: int = 50
+    # Warmup as a fraction of the run (of the budget, or of train.steps); 0: warmup_steps.
+    warmup_fraction: float = 0.0
     lr: float = 3e-4
     # LR multiplier for the text tower (`text.*`). A pretrained BERT fine-tuned at the rate a
     # from-scratch ViT needs forgets the word meanings that carry over to unseen captions.
@@ -148,7 +176,9 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     grad_accum: int = 1
-    precision: str = "bf16"  # bf16 | fp16 (GPU only) | fp32
+    # auto: bf16 on a GPU; on a CPU the faster of bf16 and fp32 for this model, measured at
+    # start-up (CPUs differ: bf16 is slower than fp32 on some). fp16 is GPU only.
+    precision: str = "auto"
     zero_stage: int = 0
     # A full DeepSpeed JSON that overrides what is generated from this config.
     deepspeed_config: Optional[str] = None
@@ -186,9 +216,8 @@ class Config:
 _CHOICES = {
     "model.text.pooling": ("cls", "mean"),
     "model.text.fusion_placement": ("replace", "stack"),
-    "loss.weighting": ("fixed", "uncertainty"),
-    "loss.filip_precision": ("bf16", "fp16", "fp32"),
-    "train.precision": ("bf16", "fp16", "fp32"),
+    "loss.weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.zero_stage": (0, 1, 2, 3),
 }
 
@@ -205,6 +234,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    _migrate_legacy_keys(raw)
+    _expand_objective_weights(raw)
     for item in overrides:
         _apply_override(raw, item)
     cfg = from_dict(Config, raw)
@@ -216,6 +247,8 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    if cls is LossConfig:
+        return _loss_from_dict(raw, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -226,8 +259,43 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _loss_from_dict(raw: dict[str, Any], prefix: str) -> LossConfig:
+    """The loss section: shared keys, plus one section per objective (missing ones keep
+    their defaults; a bare number is the objective's weight)."""
+    sections = {o.name: o for o in losses.OBJECTIVES}
+    shared = {k: v for k, v in raw.items() if k not in sections}
+    if "objectives" in shared:
+        raise ConfigError(_unknown_key_message(prefix + "objectives", "objectives", _loss_keys()))
+    for key in shared:
+        if key not in _loss_keys():
+            raise ConfigError(_unknown_key_message(prefix + key, key, _loss_keys()))
+    cfg = from_dict(SharedLossConfig, shared, prefix)
+    objectives = _default_objectives()
+    for name, value in raw.items():
+        if name in sections:
+            value = {"weight": value} if _is_number(value) else value
+            objectives[name] = from_dict(sections[name].Options, value, f"{prefix}{name}.")
+            if objectives[name].weight < 0:
+                raise ConfigError(f"config key '{prefix}{name}.weight' must be >= 0")
+    return LossConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SharedLossConfig)},
+                      objectives=objectives)
+
+
+def _loss_keys() -> dict[str, Any]:
+    return {**{f.name: f for f in dataclasses.fields(SharedLossConfig)}, **{o.name: o for o in losses.OBJECTIVES}}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The plain mapping a config file holds (objective sections directly under `loss`)."""
+    out = dataclasses.asdict(cfg)
+    loss = out.get("loss") if isinstance(cfg, Config) else out if isinstance(cfg, LossConfig) else None
+    if loss is not None:
+        loss.update(loss.pop("objectives"))
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -270,6 +338,39 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     return value
 
 
+# Keys of config files written before the objective sections (model directories saved
+# then must keep loading): old key path → new key path.
+LEGACY_KEYS = {
+    ("loss", "filip_precision"): ("loss", "filip", "precision"),
+    ("loss", "filip_chunk"): ("loss", "filip", "chunk"),
+    ("model", "filip_token_fraction"): ("loss", "filip", "token_fraction"),
+    ("loss", "itm_global_negatives"): ("loss", "itm", "global_negatives"),
+    ("loss", "itm_hard_negatives_warmup"): ("loss", "itm", "hard_negatives_warmup"),
+    ("loss", "label_smoothing"): ("loss", "lm", "label_smoothing"),
+    ("loss", "lm_batch_fraction"): ("loss", "lm", "batch_fraction"),
+}
+
+
+def _migrate_legacy_keys(raw: dict[str, Any]) -> None:
+    _expand_objective_weights(raw)
+    for old, new in LEGACY_KEYS.items():
+        section = raw.get(old[0])
+        if isinstance(section, dict) and old[1] in section:
+            node = raw
+            for part in new[:-1]:
+                node = node.setdefault(part, {})
+            node[new[-1]] = section.pop(old[1])
+
+
+def _expand_objective_weights(raw: dict[str, Any]) -> None:
+    """`loss.itc: 0.5` → `loss.itc: {weight: 0.5}`, so later overrides of either form apply."""
+    loss = raw.get("loss")
+    if isinstance(loss, dict):
+        for objective in losses.OBJECTIVES:
+            if _is_number(loss.get(objective.name)):
+                loss[objective.name] = {"weight": loss[objective.name]}
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -281,7 +382,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
-    node[parts[-1]] = value
+    if isinstance(node.get(parts[-1]), dict) and _is_number(value):
+        node[parts[-1]]["weight"] = value  # `loss.itm=0` on an objective section: its weight
+    else:
+        node[parts[-1]] = value
+    _expand_objective_weights(raw)
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -305,9 +410,11 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"config key '{dotted}' must be one of {allowed}, got {value!r}")
     if cfg.model.text.fusion_layers < 0:
         raise ConfigError("config key 'model.text.fusion_layers' must be >= 0")
-    if not 0.0 < cfg.model.filip_token_fraction <= 1.0:
-        raise ConfigError("config key 'model.filip_token_fraction' must be in (0, 1]")
     if cfg.data.max_image_pixels < 0:
         raise ConfigError("config key 'data.max_image_pixels' must be >= 0 (0: no budget)")
     if cfg.data.batch_size < 1:
         raise ConfigError("config key 'data.batch_size' must be >= 1")
+    if cfg.train.max_minutes < 0:
+        raise ConfigError("config key 'train.max_minutes' must be >= 0 (0: no time budget)")
+    if not 0.0 <= cfg.train.warmup_fraction < 1.0:
+        raise ConfigError("config key 'train.warmup_fraction' must be in [0, 1)")

@@ -30,6 +30,7 @@ from vlp.data.slots import BatchSlots, SlotRef
 from vlp.data.sources import count_samples, expand_spec
 from vlp.data.tar import BrokenTar, tar_members
 from vlp.data.text import BatchTokenizer
+from vlp.ranks import world
 
 
 def image_id(key: str) -> int:
@@ -393,11 +394,10 @@ def _batch_shape(cfg: DataConfig, batch_size: int) -> tuple[int, ...]:
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialized and rank is None else (rank or 0)
-        world_size = dist.get_world_size() if initialized and world_size is None else (world_size or 1)
+    """The given rank and world size, each defaulting to torch.distributed's."""
+    default_rank, default_world = world()
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     return rank, world_size
@@ -409,9 +409,14 @@ def _web_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
     context = "fork" if workers > 0 and _FORK else None
     # batch_size=None: batches are made inside the dataset (in the workers). `_as_is`
     # instead of the default conversion, which would turn the numpy arrays into shared tensors.
+    # A generator of its own: torch draws the workers' base seed from it at every epoch;
+    # from the global RNG, that draw would shift dropout and ITM sampling by one whenever an
+    # epoch starts, so a resumed run (whose epoch starts at a restored RNG state) would
+    # not repeat the run it continues. Nothing in the workers uses torch's RNG.
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
                          persistent_workers=False, prefetch_factor=_PREFETCH if workers > 0 else None,
-                         multiprocessing_context=context, collate_fn=_as_is)
+                         multiprocessing_context=context, collate_fn=_as_is,
+                         generator=torch.Generator().manual_seed(0))
 
 
 def _as_is(batch: dict) -> dict:

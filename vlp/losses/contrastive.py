@@ -6,49 +6,86 @@ offset by rank; the mean over ranks equals the loss on the concatenated batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.losses.distributed import gather_with_grad, world
+from vlp.losses.distributed import gather_rows, gather_with_grad, world
+from vlp.losses.objective import Objective, ObjectiveOptions
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                     logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`image_emb`, `text_emb`: L2-normalized `[b, D]` local features; returns loss, acc."""
-    rank, _ = world()
-    all_image = gather_with_grad(image_emb)
-    all_text = gather_with_grad(text_emb)
-    logits_i2t = logit_scale * image_emb.float() @ all_text.float().t()
-    logits_t2i = logit_scale * text_emb.float() @ all_image.float().t()
-    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + rank * image_emb.shape[0]
+def symmetric_cross_entropy(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor,
+                            labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """½(CE over image rows + CE over text rows) and the mean top-1 accuracy of both."""
     loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
     acc = 0.5 * ((logits_i2t.argmax(1) == labels).float().mean()
                  + (logits_t2i.argmax(1) == labels).float().mean())
     return {"loss": loss, "acc": acc.detach()}
 
 
-class LearnableScale(nn.Module):
-    """s = exp(t), t0 = ln(1/T0); clamped so the logits cannot blow up (CLIP caps s at 100)."""
+def local_labels(b: int, device) -> torch.Tensor:
+    """Column of each local row's positive among the all-gathered columns."""
+    return torch.arange(b, device=device) + world()[0] * b
 
-    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0):
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     negative_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`image_emb`, `text_emb`: L2-normalized `[b, D]` local features; returns loss, acc.
+    `negative_emb` `[n, D]`: hard negative captions, extra columns for every image (never
+    a positive, and not rows: they have no image of their own)."""
+    all_image = gather_with_grad(image_emb)
+    all_text = gather_with_grad(text_emb)
+    logits_i2t = logit_scale * image_emb.float() @ all_text.float().t()
+    logits_t2i = logit_scale * text_emb.float() @ all_image.float().t()
+    if negative_emb is not None:
+        logits_i2t = torch.cat([logits_i2t, negative_columns(logit_scale * image_emb.float(), negative_emb)], 1)
+    return symmetric_cross_entropy(logits_i2t, logits_t2i, local_labels(image_emb.shape[0], image_emb.device))
+
+
+def negative_columns(scaled_image_emb: torch.Tensor, negative_emb: torch.Tensor) -> torch.Tensor:
+    """Logits of local images against every rank's hard negative captions `[b, N]`; the
+    pads of ranks with fewer negatives are -inf (they take no probability mass)."""
+    all_negatives, valid = gather_rows(negative_emb)
+    logits = scaled_image_emb @ all_negatives.float().t()
+    return logits.masked_fill(~valid[None], float("-inf"))
+
+
+class LearnableScale(nn.Module):
+    """s = exp(t), t0 = ln(init), clamped so the logits cannot blow up (CLIP caps s at 100).
+    Shape [1], not 0-d: DeepSpeed broadcasts and partitions parameters through byte views,
+    which a 0-d tensor cannot give."""
+
+    def __init__(self, init_scale: float, max_scale: float = 100.0):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]))
         self.max_scale = max_scale
 
     def forward(self) -> torch.Tensor:
-        # reshape: the trainer may hand DeepSpeed this parameter as shape [1].
-        return self.log_scale.float().exp().clamp(max=self.max_scale).reshape(())
+        return self.log_scale.float().exp().clamp(max=self.max_scale)[0]
 
 
-class ContrastiveLoss(nn.Module):
-    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0):
-        super().__init__()
-        self.scale = LearnableScale(init_temperature, max_scale)
+@dataclass
+class ITCOptions(ObjectiveOptions):
+    pass
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+
+class ITC(Objective):
+    """Softmax contrastive loss on the global embeddings, with a learnable temperature."""
+    name = "itc"
+    Options = ITCOptions
+    scale_for = "embeddings"
+
+    def __init__(self, options: ITCOptions, loss_cfg) -> None:
+        super().__init__(options, loss_cfg)
+        self.scale = LearnableScale(1.0 / loss_cfg.init_temperature, loss_cfg.max_logit_scale)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.scale()
+
+    def forward(self, features) -> dict[str, torch.Tensor]:
         scale = self.scale()
-        out = contrastive_loss(image_emb, text_emb, scale)
+        out = contrastive_loss(features.image_emb, features.text_emb, scale, features.negative_text_emb)
         out["logit_scale"] = scale.detach()
         return out

@@ -9,15 +9,17 @@ time, so memory never holds B_img × B_txt × N_img × N_txt at once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from vlp.losses.contrastive import LearnableScale
-from vlp.losses.distributed import gather_no_grad, gather_with_grad, max_over_ranks, world
+from vlp.errors import ConfigError
+from vlp.dtypes import DTYPES
+from vlp.losses.contrastive import LearnableScale, local_labels, symmetric_cross_entropy
+from vlp.losses.distributed import gather_padded, gather_rows, gather_with_grad, max_over_ranks, world
+from vlp.losses.objective import Objective, ObjectiveOptions
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def filip_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
@@ -74,47 +76,76 @@ def _take(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def filip_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                logit_scale: torch.Tensor, token_fraction: float = 1.0, chunk: int = 64,
-               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Local tokens against all-gathered tokens; tokens L2-normalized per token."""
-    rank, world_size = world()
-    b = image_tokens.shape[0]
+               dtype: torch.dtype = torch.float32, negatives: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Local tokens against all-gathered tokens; tokens L2-normalized per token.
+    `negatives`: (tokens [n, L, D], mask [n, L]) of hard negative captions, extra columns
+    of the image→text scores."""
     if token_fraction < 1.0:
         image_index, text_index, text_mask = select_tokens(
             image_tokens, text_tokens, text_mask, token_fraction, chunk, dtype)
         image_tokens, text_tokens = _take(image_tokens, image_index), _take(text_tokens, text_index)
-    text_mask = text_mask.bool()
-    if world_size == 1:
+    if world()[1] == 1:  # one pass gives both directions
         i2t, t2i = filip_similarity(image_tokens, text_tokens, text_mask, chunk, dtype)
-        t2i = t2i.t()
     else:
-        # Text lengths may differ between ranks; pad to a common length (pads are masked).
-        length = max_over_ranks(text_tokens.shape[1])
-        text_tokens = F.pad(text_tokens, (0, 0, 0, length - text_tokens.shape[1]))
-        text_mask = F.pad(text_mask, (0, length - text_mask.shape[1]))
-        all_text, all_mask = gather_with_grad(text_tokens), gather_no_grad(text_mask)
+        text_tokens, text_mask, all_text, all_mask = gather_padded(text_tokens, text_mask.bool())
         i2t, _ = filip_similarity(image_tokens, all_text, all_mask, chunk, dtype)
         _, t2i = filip_similarity(gather_with_grad(image_tokens), text_tokens, text_mask, chunk, dtype)
-        t2i = t2i.t()
-    labels = torch.arange(b, device=image_tokens.device) + rank * b
-    logits_i2t, logits_t2i = logit_scale * i2t, logit_scale * t2i
-    loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-    acc = 0.5 * ((logits_i2t.argmax(1) == labels).float().mean()
-                 + (logits_t2i.argmax(1) == labels).float().mean())
-    return {"loss": loss, "acc": acc.detach()}
+    if negatives is not None:
+        i2t = torch.cat([i2t, negative_scores(image_tokens, *negatives, chunk, dtype)], 1)
+    labels = local_labels(image_tokens.shape[0], image_tokens.device)
+    return symmetric_cross_entropy(logit_scale * i2t, logit_scale * t2i.t(), labels)
 
 
-class FilipLoss(nn.Module):
-    """FILIP loss with its own learnable temperature."""
+def negative_scores(image_tokens: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, chunk: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """image→text FILIP scores `[b, N]` of local images against every rank's hard negative
+    captions; ranks' pads are -inf."""
+    length = max_over_ranks(tokens.shape[1])  # all-gathers need one token length
+    tokens = F.pad(tokens, (0, 0, 0, length - tokens.shape[1]))
+    mask = F.pad(mask.bool(), (0, length - mask.shape[1]))
+    all_tokens, valid = gather_rows(tokens)
+    all_mask, _ = gather_rows(mask, with_grad=False)
+    i2t, _ = filip_similarity(image_tokens, all_tokens, all_mask, chunk, dtype)
+    return i2t.masked_fill(~valid[None], float("-inf"))
 
-    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0,
-                 token_fraction: float = 1.0, chunk: int = 64, precision: str = "bf16"):
-        super().__init__()
-        self.scale = LearnableScale(init_temperature, max_scale)
-        self.token_fraction, self.chunk, self.dtype = token_fraction, chunk, DTYPES[precision]
 
-    def forward(self, image_tokens, text_tokens, text_mask) -> dict[str, torch.Tensor]:
+@dataclass
+class FilipOptions(ObjectiveOptions):
+    # Token similarities in this dtype, this many texts at a time.
+    precision: str = "bf16"
+    chunk: int = 64
+    # Fraction of image/text tokens kept (by similarity) before the gather; FILIP §3.1.2.
+    token_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in DTYPES:
+            raise ConfigError(f"config key 'loss.filip.precision' must be one of {tuple(DTYPES)}, "
+                              f"got {self.precision!r}")
+        if not 0.0 < self.token_fraction <= 1.0:
+            raise ConfigError("config key 'loss.filip.token_fraction' must be in (0, 1]")
+
+
+class Filip(Objective):
+    """FILIP token-wise loss with its own learnable temperature."""
+    name = "filip"
+    Options = FilipOptions
+    needs = frozenset({"tokens"})
+    scale_for = "tokens"
+
+    def __init__(self, options: FilipOptions, loss_cfg) -> None:
+        super().__init__(options, loss_cfg)
+        self.scale = LearnableScale(1.0 / loss_cfg.init_temperature, loss_cfg.max_logit_scale)
+        self.dtype = DTYPES[options.precision]
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.scale()
+
+    def forward(self, features) -> dict[str, torch.Tensor]:
         scale = self.scale()
-        out = filip_loss(image_tokens, text_tokens, text_mask, scale, self.token_fraction,
-                         self.chunk, self.dtype)
+        negatives = features.negative_text_tokens
+        out = filip_loss(features.image_tokens, features.text_tokens, features.attention_mask, scale,
+                         self.options.token_fraction, self.options.chunk, self.dtype,
+                         None if negatives is None else (negatives, features.negative_mask))
         out["logit_scale"] = scale.detach()
         return out

@@ -16,6 +16,9 @@ from vlp.model.text import DEC_TOKEN
 from vlp.model.vlp_model import VLPModel
 
 MODEL_FILES = ("config.yaml", "model.safetensors", "tokenizer")
+# Model directories saved before the objective interface name the temperatures by the
+# objective's old attribute; they were 0-d then and are [1] now.
+LEGACY_PREFIXES = {"itc.": "objectives.itc.", "filip.": "objectives.filip."}
 
 
 def add_decoder_token(tokenizer, dec_token_id: int) -> None:
@@ -110,9 +113,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
     cfg = load_config(path / "config.yaml")
     cfg.model.text.tokenizer = str(path / "tokenizer")
     model = build_model(cfg)
-    state = load_file(str(path / "model.safetensors"))
+    state = upgrade_state(load_file(str(path / "model.safetensors")), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Keys left out on save are aliases of tensors that were saved (shared weights).
+    # Keys left out on save are aliases of tensors that were saved (shared weights), and
+    # training-only state (the loss balancing's).
     aliases = set(model.state_dict()) - set(_unique_state_names(model))
     missing = [k for k in missing if k not in aliases]
     if missing or unexpected:
@@ -121,9 +125,33 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg, model.tokenizer
 
 
+def upgrade_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights saved by an earlier vlp, renamed and reshaped to today's model. A legacy
+    temperature of an objective the config now leaves off (weight 0) is dropped: it was
+    built, but never trained."""
+    expected = model.state_dict()
+    upgraded = {}
+    for name, tensor in state.items():
+        for old, new in LEGACY_PREFIXES.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                if name not in expected:
+                    name = None
+                break
+        if name is None:
+            continue
+        if torch.is_tensor(tensor) and tensor.dim() == 0 and getattr(expected.get(name), "shape", None) == (1,):
+            tensor = tensor.reshape(1)
+        upgraded[name] = tensor
+    return upgraded
+
+
 def _unique_state_names(model: torch.nn.Module) -> list[str]:
+    """Names of the tensors to save: each shared tensor once, no non-tensor extra state."""
     seen, names = set(), []
     for name, tensor in model.state_dict().items():
+        if not torch.is_tensor(tensor):
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key not in seen:
             seen.add(key)

@@ -49,6 +49,11 @@ class VisionTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
 
+    def last_weight(self) -> nn.Parameter:
+        """The output projection of the last block's MLP: the last weight matrix every use
+        of the image states depends on (the final norm has only a scale and a shift)."""
+        return self.vit.blocks[-1].mlp.fc2.weight
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
             images = self.normalize(images)

@@ -1,83 +1,89 @@
-"""The VLP model: ViT ⊕ BERT [+ fusion layers] [+ captioning decoder], all four objectives.
+"""The VLP model: ViT ⊕ BERT [+ fusion layers] [+ captioning decoder], and the objectives.
 
-`model(batch)` returns a dict of named losses and metrics; an objective whose weight is 0 is
-never computed. The scoring API (encode_*, filip_scores, itm_scores, generate) is what the
-retrieval, zero-shot and captioning rooms use.
+`model(batch)` computes the shared features once (`Features`) and hands them to each
+enabled objective (`vlp.losses.OBJECTIVES`); it returns the weighted total `loss`, each
+objective's loss by name, and their metrics. The scoring API (encode_*, filip_scores,
+itm_scores, generate) is what the retrieval, zero-shot and captioning rooms use.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from vlp.config import ConfigError, DataConfig, LossConfig, ModelConfig
 from vlp.data.images import Normalize
-from vlp.losses import (IGNORE, ContrastiveLoss, FilipLoss, LossWeighting, caption_loss, itm_loss,
-                        lm_targets, sample_hard_negatives)
-from vlp.losses.distributed import gather_no_grad, gather_with_grad, max_over_ranks, world
+from vlp.data.perturb import KINDS as NEGATIVE_KINDS
+from vlp.data.perturb import negatives_for_batch
+from vlp.data.text import tokenize
+import vlp.losses
+from vlp.losses import LossWeighting
+from vlp.losses.distributed import world
 from vlp.losses.filip import filip_similarity
 from vlp.model.decoder import CaptionDecoder
+from vlp.model.features import Features
 from vlp.model.generate import generate_ids
 from vlp.model.text import TextTower
 from vlp.model.vision import VisionTower
+from vlp.padding import trim_padding
 
-OBJECTIVES = ("itc", "filip", "itm", "lm")
+BERT_SEP_ID = 102  # [SEP] in every BERT WordPiece vocabulary
 
-
-def check_model_config(model_cfg: ModelConfig, loss_cfg: LossConfig) -> None:
-    for name in OBJECTIVES:
-        if getattr(loss_cfg, name) < 0:
-            raise ConfigError(f"config key 'loss.{name}' must be >= 0")
-    if loss_cfg.itm > 0 and model_cfg.text.fusion_layers == 0:
-        raise ConfigError("loss.itm > 0 needs fusion layers: set model.text.fusion_layers >= 1 "
-                          "or loss.itm: 0")
-    if loss_cfg.lm > 0 and not model_cfg.decoder.enabled:
-        raise ConfigError("loss.lm > 0 needs the decoder: set model.decoder.enabled: true or loss.lm: 0")
-    if not 0 < loss_cfg.lm_batch_fraction <= 1:
-        raise ConfigError(f"config key 'loss.lm_batch_fraction' must be in (0, 1], "
-                          f"got {loss_cfg.lm_batch_fraction}")
-    if not any(getattr(loss_cfg, name) > 0 for name in OBJECTIVES):
-        raise ConfigError("every loss weight is 0: enable at least one of loss.itc/filip/itm/lm")
+# What each `needs` entry of an objective asks of the model, and how to provide it.
+REQUIREMENTS = {
+    "fusion": (lambda m: m.text.fusion_layers >= 1, "model.text.fusion_layers >= 1"),
+    "decoder": (lambda m: m.decoder.enabled, "model.decoder.enabled: true"),
+    "tokens": (lambda m: True, ""),
+}
 
 
-def trim_padding(tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drops the token positions (dim 1 of `tokens`: ids or states) that are padding in every
-    row: captions come padded to data.max_len, and those positions only cost time."""
-    length = max(int(attention_mask.sum(1).max()), 1)
-    return tokens[:, :length], attention_mask[:, :length]
+def enabled_objectives(model_cfg: ModelConfig, loss_cfg: LossConfig) -> list:
+    """The objective classes with a weight > 0, checked against what the model provides."""
+    enabled = [o for o in vlp.losses.OBJECTIVES if loss_cfg.objectives[o.name].weight > 0]
+    if not enabled:
+        names = "/".join(o.name for o in vlp.losses.OBJECTIVES)
+        raise ConfigError(f"every loss weight is 0: enable at least one of loss.{{{names}}}")
+    negatives = loss_cfg.text_negatives
+    unknown = set(negatives.kinds) - set(NEGATIVE_KINDS)
+    if unknown or not negatives.kinds:
+        raise ConfigError(f"config key 'loss.text_negatives.kinds' must be a non-empty list of "
+                          f"{NEGATIVE_KINDS}, got {negatives.kinds}")
+    for objective in enabled:
+        for need in objective.needs:
+            provided, how = REQUIREMENTS[need]
+            if not provided(model_cfg):
+                raise ConfigError(f"loss.{objective.name} > 0 needs the {need}: set {how} "
+                                  f"or loss.{objective.name}: 0")
+    return enabled
 
 
 class VLPModel(nn.Module):
     def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig | None = None):
         super().__init__()
-        check_model_config(model_cfg, loss_cfg)
-        self.weights = {name: float(getattr(loss_cfg, name)) for name in OBJECTIVES}
+        enabled = enabled_objectives(model_cfg, loss_cfg)
+        needs = set().union(*(o.needs for o in enabled))
         # The data config's normalization constants: uint8 batches are normalized on the device.
         self.vision = VisionTower(model_cfg.vision, Normalize(data_cfg) if data_cfg else None)
         self.text = TextTower(model_cfg.text, self.vision.width)
         self.image_proj = nn.Linear(self.vision.width, model_cfg.embed_dim)
         self.text_proj = nn.Linear(self.text.width, model_cfg.embed_dim)
         self.text_pooling = model_cfg.text.pooling
-        self.itc = ContrastiveLoss(loss_cfg.init_temperature, loss_cfg.max_logit_scale)
-        # Parts of objectives that are off are not built: no dead parameters to train.
-        if self.weights["filip"] > 0:
+        # Parts no enabled objective needs are not built: no dead parameters to train.
+        if "tokens" in needs:
             self.image_token_proj = nn.Linear(self.vision.width, model_cfg.filip_dim)
             self.text_token_proj = nn.Linear(self.text.width, model_cfg.filip_dim)
-            self.filip = FilipLoss(loss_cfg.init_temperature, loss_cfg.max_logit_scale,
-                                   model_cfg.filip_token_fraction, loss_cfg.filip_chunk,
-                                   loss_cfg.filip_precision)
         self.itm_head = nn.Linear(self.text.width, 2) if len(self.text.fusion) else None
-        self.itm_global_negatives = loss_cfg.itm_global_negatives
-        self.itm_hard_negatives_warmup = loss_cfg.itm_hard_negatives_warmup
-        self.itm_hardness = 1.0  # set per step by the trainer (set_training_step)
         self.decoder = (CaptionDecoder(self.text, self.vision.width, model_cfg.decoder.share_weights)
                         if model_cfg.decoder.enabled else None)
         self.max_new_tokens = model_cfg.decoder.max_new_tokens
-        self.label_smoothing = loss_cfg.label_smoothing
-        self.lm_batch_fraction = loss_cfg.lm_batch_fraction
-        self.weighting = LossWeighting(self.weights, loss_cfg.weighting)
+        self.objectives = nn.ModuleDict(
+            {o.name: o(loss_cfg.objectives[o.name], loss_cfg) for o in enabled})
+        self.weighting = LossWeighting({name: loss_cfg.objectives[name] for name in self.objectives}, loss_cfg)
+        self.init_scale = 1.0 / loss_cfg.init_temperature
+        self.negatives_cfg = loss_cfg.text_negatives
+        self.max_len = data_cfg.max_len if data_cfg else DataConfig().max_len
+        self.progress, self.step = 0.0, 0
         self.tokenizer = None  # set by build_model / load_model_dir when one is available
         self.set_grad_checkpointing(model_cfg.grad_checkpointing)
 
@@ -88,14 +94,20 @@ class VLPModel(nn.Module):
         if self.decoder is not None:
             self.decoder.grad_checkpointing = enable
 
-    def set_training_step(self, step: int) -> None:
-        """The trainer calls this before each step: ITM negative hardness follows the step."""
-        warmup = self.itm_hard_negatives_warmup
-        self.itm_hardness = 1.0 if warmup <= 0 else min(1.0, step / warmup)
+    def set_training_progress(self, step: int, progress: float) -> None:
+        """The trainer calls this before each step with the fraction of the run done:
+        objective schedules (curriculum, ITM negative hardness) follow it."""
+        self.progress, self.step = progress, step
+        for objective in self.objectives.values():
+            objective.set_progress(step, progress)
+
+    def loss_names(self) -> list[str]:
+        """The names of the losses the forward returns (beside "loss", the total)."""
+        return list(self.objectives)
 
     @property
     def has_filip(self) -> bool:
-        return hasattr(self, "filip")
+        return hasattr(self, "image_token_proj")
 
     @property
     def has_itm(self) -> bool:
@@ -105,35 +117,46 @@ class VLPModel(nn.Module):
     def has_decoder(self) -> bool:
         return self.decoder is not None
 
+    def _learned_scale(self, scores: str) -> torch.Tensor | None:
+        for objective in self.objectives.values():
+            if objective.scale_for == scores:
+                return objective.logit_scale().detach()
+        return None
+
     @property
     def logit_scale(self) -> torch.Tensor:
-        """The ITC scale s (not its log), as used in the loss."""
-        return self.itc.scale().detach()
+        """The scale s (not its log) of the global-embedding scores, as the objective that
+        learns it (ITC or SigLIP) uses it; its initial value when no objective learns it."""
+        learned = self._learned_scale("embeddings")
+        return learned if learned is not None else torch.tensor(self.init_scale)
 
     @property
     def filip_logit_scale(self) -> torch.Tensor:
-        return self._filip().scale().detach()
+        self._require_filip()
+        learned = self._learned_scale("tokens")
+        return learned if learned is not None else torch.tensor(self.init_scale)
 
-    def _filip(self) -> FilipLoss:
+    def _require_filip(self) -> None:
         if not self.has_filip:
             raise ValueError("this model has no FILIP heads (it was built with loss.filip: 0)")
-        return self.filip
 
     # ------------------------------------------------------------------ scoring API
+    # Callers that score one batch several ways compute the states once and pass them on
+    # (`image_states=`, `text_states=`); the towers then do not run again.
     def encode_image_states(self, images: torch.Tensor) -> torch.Tensor:
         """ViT token states `[B, 1+N, vision_width]`: what the fusion layers attend to."""
         return self.vision(images)
 
-    def encode_image(self, images: torch.Tensor | None,
+    def encode_image(self, images: torch.Tensor | None = None, *,
                      image_states: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalized global image embeddings `[B, embed_dim]`."""
         if image_states is None:
             image_states = self.vision(images)
         return F.normalize(self.image_proj(image_states[:, 0]).float(), dim=-1)
 
     def encode_text_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                            inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Text-only hidden states `[B, L, text_width]` (below the fusion layers). Callers that
-        need several text scores (ITC, FILIP, ITM) compute these once and pass them on."""
+        """Text-only hidden states `[B, L, text_width]` (below the fusion layers)."""
         return self.text.encode(input_ids, attention_mask, inputs_embeds)
 
     def embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -141,14 +164,12 @@ class VLPModel(nn.Module):
         `inputs_embeds` (CoOp learns context vectors there)."""
         return self.text.embeddings.word_embeddings(input_ids)
 
-    def encode_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+    def encode_text(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                     text_states: torch.Tensor | None = None,
                     inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalized global text embeddings `[B, embed_dim]`."""
         if text_states is None:
             text_states = self.encode_text_states(input_ids, attention_mask, inputs_embeds)
-        return self._text_embedding(text_states, attention_mask)
-
-    def _text_embedding(self, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.text_pooling == "mean":
             weights = attention_mask[:, :text_states.shape[1], None].to(text_states.dtype)
             pooled = (text_states * weights).sum(1) / weights.sum(1).clamp(min=1)
@@ -156,18 +177,19 @@ class VLPModel(nn.Module):
             pooled = text_states[:, 0]
         return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
-    def encode_image_tokens(self, images: torch.Tensor | None,
+    def encode_image_tokens(self, images: torch.Tensor | None = None, *,
                             image_states: torch.Tensor | None = None) -> torch.Tensor:
         """FILIP patch tokens `[B, N, filip_dim]` (CLS excluded), normalized per token."""
-        self._filip()
+        self._require_filip()
         if image_states is None:
             image_states = self.vision(images)
         return F.normalize(self.image_token_proj(image_states[:, 1:]).float(), dim=-1)
 
-    def encode_text_tokens(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+    def encode_text_tokens(self, input_ids: torch.Tensor | None = None,
+                           attention_mask: torch.Tensor | None = None, *,
                            text_states: torch.Tensor | None = None) -> torch.Tensor:
         """FILIP text tokens `[B, L, filip_dim]`; the real ones are where attention_mask is 1."""
-        self._filip()
+        self._require_filip()
         if text_states is None:
             text_states = self.encode_text_states(input_ids, attention_mask)
         return F.normalize(self.text_token_proj(text_states).float(), dim=-1)
@@ -175,15 +197,15 @@ class VLPModel(nn.Module):
     def filip_scores(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
                      text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(i2t, t2i) token-wise similarities, both `[B_img, B_txt]` (unscaled)."""
-        filip = self._filip()
-        return filip_similarity(image_tokens, text_tokens, text_mask, filip.chunk, filip.dtype)
+        self._require_filip()
+        filip = self.objectives["filip"]
+        return filip_similarity(image_tokens, text_tokens, text_mask, filip.options.chunk, filip.dtype)
 
-    def itm_scores(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
-                   images: torch.Tensor | None = None,
+    def itm_scores(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                   images: torch.Tensor | None = None, *,
                    image_states: torch.Tensor | None = None,
                    text_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Match probability `[B]` of aligned (text i, image i) pairs. Precomputed
-        `image_states` / `text_states` skip the towers (rerank many pairs, encode once)."""
+        """Match probability `[B]` of aligned (text i, image i) pairs."""
         if self.itm_head is None:
             raise ValueError("this model has no ITM head (model.text.fusion_layers: 0)")
         if image_states is None:
@@ -223,73 +245,55 @@ class VLPModel(nn.Module):
         return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
     def _special_ids(self) -> tuple[int, int]:
-        pad_id = self.text.config.pad_token_id or 0
+        """([SEP], [PAD]) ids: the tokenizer's, else BERT's vocabulary layout (a model built
+        from dims with no tokenizer, as in tests, still uses BERT's)."""
         if self.tokenizer is not None:
             return self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
-        return 102, pad_id  # BERT's [SEP] when no tokenizer is attached
+        return BERT_SEP_ID, self.text.config.pad_token_id or 0
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        w = self.weights
-        input_ids, attention_mask = trim_padding(batch["input_ids"], batch["attention_mask"])
-        image_states = self.vision(batch["image"])
-        text_states = self.text.encode(input_ids, attention_mask) if w["itc"] or w["filip"] or w["itm"] else None
+        """Weighted total `loss`, each objective's loss by name, and `<name>_<metric>`s.
+        In training, objectives whose curriculum weight is 0 now are not run."""
+        features = Features(self, batch)
+        multipliers = self.weighting.multipliers(self.progress if self.training else 1.0)
         losses, metrics = {}, {}
-
-        def record(name: str, result: dict) -> None:
-            losses[name] = result.pop("loss")
-            metrics.update({f"{name}_{key}": value for key, value in result.items()})
-
-        image_emb = text_emb = None
-        if w["itc"] or w["itm"]:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and w["itc"] > 0):
-                image_emb = self.encode_image(None, image_states=image_states)
-                text_emb = self.encode_text(None, attention_mask, text_states=text_states)
-        if w["itc"]:
-            record("itc", self.itc(image_emb, text_emb))
-        if w["filip"]:
-            image_tokens = self.encode_image_tokens(None, image_states=image_states)
-            text_tokens = self.encode_text_tokens(None, attention_mask, text_states=text_states)
-            record("filip", self.filip(image_tokens, text_tokens, attention_mask))
-        if w["itm"]:
-            record("itm", self._itm(image_states, text_states, attention_mask,
-                                    image_emb.detach(), text_emb.detach(), batch["image_id"]))
-        if w["lm"]:
-            # Training may caption a part of the batch; the val loss always covers all of it.
-            fraction = self.lm_batch_fraction if self.training else 1.0
-            n = max(1, math.ceil(fraction * input_ids.shape[0]))
-            input_ids, attention_mask = trim_padding(input_ids[:n], attention_mask[:n])
-            hidden = self.decoder.hidden(input_ids, attention_mask, image_states[:n])
-            targets = lm_targets(input_ids, attention_mask)
-            scored = targets != IGNORE  # the vocab projection only where a token is predicted
-            record("lm", caption_loss(self.decoder.logits(hidden[scored]), targets[scored],
-                                      self.label_smoothing))
-        total, weight_metrics = self.weighting(losses)
+        for name, objective in self.objectives.items():
+            if multipliers[name] == 0:
+                continue
+            out = objective(features)
+            losses[name] = out.pop("loss")
+            metrics.update({f"{name}_{key}": value for key, value in out.items()})
+        total, weight_metrics = self.weighting(losses, multipliers, self.training, self._shared_grad_norms)
         return {"loss": total, **losses, **metrics, **weight_metrics}
 
-    def _itm(self, image_states, text_states, attention_mask, image_emb, text_emb, image_id):
-        """Positives, plus one hard negative text per image and one hard negative image per
-        text (from the global batch when gathering is on): 3b pairs through the fusion layers."""
-        b = image_states.shape[0]
-        use_global = self.itm_global_negatives and world()[1] > 1
-        if use_global:
-            length = max_over_ranks(text_states.shape[1])
-            text_states = F.pad(text_states, (0, 0, 0, length - text_states.shape[1]))
-            attention_mask = F.pad(attention_mask, (0, length - attention_mask.shape[1]))
-            all_images, all_texts = gather_with_grad(image_states), gather_with_grad(text_states)
-            all_mask, all_ids = gather_no_grad(attention_mask), gather_no_grad(image_id)
-            all_image_emb, all_text_emb = gather_no_grad(image_emb), gather_no_grad(text_emb)
-        else:
-            all_images, all_texts, all_mask, all_ids = image_states, text_states, attention_mask, image_id
-            all_image_emb, all_text_emb = image_emb, text_emb
-        scale = self.itc.scale().detach() * self.itm_hardness
-        same = image_id[:, None] == all_ids[None, :]  # [b, B]: the positive and duplicates
-        neg_text, text_ok = sample_hard_negatives(scale * image_emb @ all_text_emb.t(), same)
-        neg_image, image_ok = sample_hard_negatives(scale * text_emb @ all_image_emb.t(), same)
-        texts = torch.cat([text_states, all_texts[neg_text], text_states])
-        masks = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
-        images = torch.cat([image_states, image_states, all_images[neg_image]])
-        fused = self.text.fuse(texts, masks, images)[:, 0]
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(fused.device)
-        valid = torch.cat([torch.ones(b, dtype=torch.bool, device=fused.device), text_ok, image_ok])
-        return itm_loss(self.itm_head(fused), labels, valid)
+    def text_negatives(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Hard negative captions of a training batch (`loss.text_negatives`): (owner row,
+        input_ids, attention_mask), possibly with no rows; None when off or evaluating."""
+        cfg = self.negatives_cfg
+        if not self.training or cfg.fraction <= 0:
+            return None
+        device = batch["input_ids"].device
+        owners, texts = negatives_for_batch(batch["text"], cfg.fraction, tuple(cfg.kinds),
+                                            seed=f"{self.step}/{world()[0]}")
+        if not texts:
+            empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+            return torch.zeros(0, dtype=torch.long, device=device), empty, empty
+        tokens = tokenize(self.tokenizer, texts, self.max_len)
+        ids, mask = trim_padding(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        return torch.tensor(owners, device=device), ids, mask
+
+    def shared_layer(self) -> torch.Tensor:
+        """The last weight every objective's gradient passes through (GradNorm's W): the
+        final MLP of the vision tower, whose states all objectives read."""
+        return self.vision.last_weight()
+
+    def _shared_grad_norms(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """‖∇_W Lₖ‖ at the shared layer, of the losses averaged over ranks."""
+        weight = self.shared_layer()
+        grads = [torch.autograd.grad(loss, weight, retain_graph=True, allow_unused=True)[0] for loss in losses]
+        flat = torch.stack([(g if g is not None else torch.zeros_like(weight)).float().flatten() for g in grads])
+        if world()[1] > 1:
+            dist.all_reduce(flat)
+            flat /= world()[1]
+        return flat.norm(dim=1)

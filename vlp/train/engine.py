@@ -3,30 +3,17 @@ warmup + cosine schedule. The only module that calls `deepspeed.initialize`."""
 from __future__ import annotations
 
 import json
-import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlp.config import ConfigError, TrainConfig
+from vlp.train.budget import Budget, schedule_factor
 
-# Name fragments of parameters that must not be decayed even when they are matrices.
-NO_DECAY_NAMES = ("logit_scale", "temperature", "log_var", "pos_embed", "cls_token",
-                  "position_embeddings", "token_type_embeddings")
-
-
-def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str:
-    """The precision the run will use; fp16 is refused on CPU (it is ~40x slower there and
-    DeepSpeed's loss scaler is GPU-only), bf16 falls back to fp32 where unsupported."""
-    if requested == "fp16" and not on_gpu:
-        raise ConfigError("train.precision=fp16 needs a GPU; on CPU use train.precision=bf16 "
-                          "(or fp32)")
-    if requested == "bf16" and not bf16_supported:
-        warnings.warn("bf16 is not supported on this device; training in fp32")
-        return "fp32"
-    return requested
+# Name fragments of parameters that must not be decayed although they are matrices (every
+# parameter with fewer than 2 dims is never decayed: norms, biases, temperatures, log-vars).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "position_embeddings", "token_type_embeddings")
 
 
 def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int,
@@ -49,14 +36,9 @@ def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if train.deepspeed_config:
-        path = Path(train.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"train.deepspeed_config: file not found: {path}")
-        try:
-            user = json.loads(path.read_text())
-        except ValueError as err:
-            raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {err}") from err
+    user = user_deepspeed_json(train)
+    if user:
+        path = train.deepspeed_config
         config = _merge(config, user)
         if "train_batch_size" not in user:
             config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"]
@@ -68,6 +50,24 @@ def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int,
         if config["bf16"].get("enabled") and config["fp16"].get("enabled"):
             raise ConfigError(f"{path}: bf16 and fp16 cannot both be enabled")
     return config
+
+
+def user_deepspeed_json(train: TrainConfig) -> dict[str, Any]:
+    """The user's DeepSpeed JSON (`train.deepspeed_config`), or {}."""
+    if not train.deepspeed_config:
+        return {}
+    path = Path(train.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {err}") from err
+
+
+def zero_stage(train: TrainConfig) -> int:
+    """The ZeRO stage the run will use (a user JSON's wins), known before anything starts."""
+    return user_deepspeed_json(train).get("zero_optimization", {}).get("stage", train.zero_stage)
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -91,13 +91,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
     embeddings of position/type and every other 1-d parameter. The pretrained text tower
     (`text.*`) gets `lr * text_lr_scale`. Each group carries its parameter names, so
     checkpoints can be mapped back to names; empty groups are dropped."""
-    extra = set(getattr(model, "no_weight_decay", lambda: ())())
     groups: dict[tuple[bool, bool], tuple[list, list]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = (param.ndim < 2 or name in extra
-                or any(fragment in name for fragment in NO_DECAY_NAMES))
+        skip = param.ndim < 2 or any(fragment in name for fragment in NO_DECAY_NAMES)
         names, params = groups.setdefault((skip, name.startswith("text.")), ([], []))
         names.append(name)
         params.append(param)
@@ -106,38 +104,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
             for (skip, is_text), (names, params) in sorted(groups.items())]
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0 to 1, then cosine down to `min_ratio` at the end."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, train: TrainConfig):
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, budget: Budget):
     """Torch AdamW (never DeepSpeed's fused/CPU Adam, whose JIT build takes a minute) and
-    its LambdaLR warmup-cosine schedule, stepped once per optimizer step."""
+    its LambdaLR warmup-cosine schedule over the run's progress (`vlp.train.budget`),
+    stepped once per optimizer step."""
     groups = param_groups(model, train.weight_decay, train.lr, train.text_lr_scale)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=train.lr, betas=tuple(train.betas), eps=train.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, train.warmup_steps, train.steps, train.min_lr_ratio))
+    warmup = train.warmup_fraction or train.warmup_steps / train.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(
+        budget.progress(step), warmup, train.min_lr_ratio, first_step=1 / train.steps))
     return optimizer, schedule, [g["names"] for g in groups]
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, budget: Budget):
     """deepspeed.initialize with our optimizer and schedule unless the user JSON brings its
     own `optimizer` / `scheduler` sections. Returns (engine, param names per group)."""
     import deepspeed
 
-    for param in model.parameters():
-        if param.ndim == 0:
-            # DeepSpeed broadcasts and partitions parameters through byte views, which a 0-d
-            # tensor (a logit scale) cannot give; ZeRO-3 fails outright. Shape [1] computes
-            # the same; the export reshapes it back.
-            param.data = param.data.reshape(1)
-    optimizer, schedule, names = build_optimizer(model, train)
+    optimizer, schedule, names = build_optimizer(model, train, budget)
     kwargs: dict[str, Any] = {"model": model, "config": ds_config}
     if "optimizer" in ds_config:
         kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 
 from vlp.metrics import retrieval_recall
-from vlp.model.vlp_model import trim_padding
+from vlp.padding import trim_padding
 
 METHODS = ("itc", "itm_rerank", "filip")
 # Added to reranked candidates so they rank above every non-candidate (cosine sims <= 1).
@@ -35,11 +35,11 @@ def embed_val_set(model, batches: Iterable[dict], device: str, dtype: torch.dtyp
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         # Each tower runs once per batch; every score is taken from its states.
         states, text_states = model.encode_image_states(images), model.encode_text_states(ids, mask)
-        parts["img"].append(model.encode_image(None, image_states=states).float())
-        parts["txt"].append(model.encode_text(ids, mask, text_states=text_states).float())
+        parts["img"].append(model.encode_image(image_states=states).float())
+        parts["txt"].append(model.encode_text(attention_mask=mask, text_states=text_states).float())
         if model.has_filip:
-            parts["img_tok"].append(model.encode_image_tokens(None, image_states=states))
-            parts["txt_tok"].append(model.encode_text_tokens(ids, mask, text_states=text_states))
+            parts["img_tok"].append(model.encode_image_tokens(image_states=states))
+            parts["txt_tok"].append(model.encode_text_tokens(attention_mask=mask, text_states=text_states))
         if model.has_itm:
             # ITM rerank runs only the fusion layers per (text, image) pair.
             parts["states"].append(states)
@@ -101,7 +101,7 @@ def itm_rerank(model, itc: torch.Tensor, emb: dict[str, Any], k: int, batch_size
         t = txt_of_pair[start:start + batch_size]
         text_states, mask = trim_padding(emb["txt_states"][t], emb["mask"][t])
         scores[start:start + batch_size] = model.itm_scores(
-            None, mask, image_states=emb["states"][i], text_states=text_states).float().cpu()
+            attention_mask=mask, image_states=emb["states"][i], text_states=text_states).float().cpu()
     i2t = itc.clone()
     rows = torch.arange(n_img).repeat_interleave(k_t)
     i2t[rows, top_txt.reshape(-1)] += RERANK_OFFSET + scores[:n_img * k_t]

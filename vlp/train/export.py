@@ -25,7 +25,8 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise FileNotFoundError(f"{ckpt}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
     saved = torch.load(files[0], map_location="cpu", weights_only=False)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in saved["module"].items()}
     # bf16/fp16 without ZeRO: the module holds rounded weights, the optimizer the fp32 masters,
     # in the order of our param groups (whose names the trainer state records).
     masters = (saved.get("optimizer") or {}).get("fp32_groups")
@@ -41,6 +42,7 @@ def load_checkpoint_model(ckpt: Path):
     """(model in fp32 with the checkpoint's weights, its config). CheckpointError when the
     checkpoint's files do not match their checksums or its weights are not finite."""
     from vlp.model import build_model
+    from vlp.model.io import upgrade_state
 
     config_path = ckpt / CONFIG_FILE
     if not config_path.is_file():
@@ -50,12 +52,9 @@ def load_checkpoint_model(ckpt: Path):
         raise CheckpointError(f"the checkpoint {ckpt} is damaged: {'; '.join(problems[:3])}")
     cfg = load_config(config_path)
     model = build_model(cfg).float()
-    state = fp32_state_dict(ckpt)
-    shapes = {**{k: v.shape for k, v in model.state_dict().items()}}
-    for name, tensor in state.items():  # 0-d parameters were trained as [1] (vlp.train.engine)
-        if name in shapes and tensor.shape != shapes[name] and tensor.numel() == shapes[name].numel():
-            state[name] = tensor.reshape(shapes[name])
+    state = upgrade_state(fp32_state_dict(ckpt), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]  # loss balancing: training only
     if missing or unexpected:
         raise RuntimeError(f"{ckpt}: checkpoint does not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

@@ -64,13 +64,15 @@ class RunLog:
             self.writer = None
 
     def step(self, losses: dict[str, float], lr: float, world_size: int, step_time: float,
-             data_time: float, samples: int) -> None:
+             data_time: float, samples: int, minutes_left: float | None = None) -> None:
         if not self.enabled:
             return
         rate = samples / max(step_time, 1e-9)
         shown = {k: f"{v:.3f}" for k, v in losses.items()}
         shown.update(lr=f"{lr:.2e}", **{"sam/s": f"{rate:.0f}", "sam/s/rank": f"{rate / world_size:.0f}",
                                         "wait": f"{data_time / max(step_time, 1e-9):.0%}"})
+        if minutes_left is not None:  # under a time budget the step count is only a cap
+            shown["left"] = f"{minutes_left:.1f}min"
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 

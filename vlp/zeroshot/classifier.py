@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from vlp.zeroshot.errors import ZeroShotError
 from vlp.atomic import atomic_write
+from vlp.padding import trim_padding
 from vlp.zeroshot.templates import fill
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,15 @@ class TextEncoder:
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from vlp.data import tokenize
         batch = tokenize(self.tokenizer, texts, self.max_len)
-        # Prompts are short and max_len pads them far: columns that are pad in every row
-        # change nothing (they are masked) but cost time, so they are dropped.
-        length = max(int(batch["attention_mask"].sum(1).max()), 1)
-        return batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+        return trim_padding(batch["input_ids"], batch["attention_mask"])
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
         """[len(texts), D] normalized global embeddings."""
         ids, mask = self.tokenize(texts)
         out = None
-        for rows, length in self._length_sorted_batches(mask, "class embeddings"):
-            emb = self.model.encode_text(ids[rows, :length], mask[rows, :length]).float()
+        for rows in self._length_sorted_batches(mask, "class embeddings"):
+            emb = self.model.encode_text(*trim_padding(ids[rows], mask[rows])).float()
             out = emb.new_empty(len(texts), emb.shape[-1]) if out is None else out
             out[rows] = emb
         return out
@@ -58,23 +56,22 @@ class TextEncoder:
         """FILIP token embeddings [N, L, Df] and mask [N, L], padded to one length."""
         ids, mask = self.tokenize(texts)
         out = None
-        for rows, length in self._length_sorted_batches(mask, "prompt tokens"):
-            tokens = self.model.encode_text_tokens(ids[rows, :length], mask[rows, :length]).float()
+        for rows in self._length_sorted_batches(mask, "prompt tokens"):
+            tokens = self.model.encode_text_tokens(*trim_padding(ids[rows], mask[rows])).float()
             if out is None:
                 out = tokens.new_zeros(len(texts), ids.shape[1], tokens.shape[-1])
-            out[rows, :length] = tokens
+            out[rows, :tokens.shape[1]] = tokens
         return out, mask
 
     def _length_sorted_batches(self, mask: torch.Tensor, what: str):
-        """Row batches of similar prompt length, each with its own length: templates differ
-        in length, and a batch costs as much as its longest prompt."""
+        """Row batches of similar prompt length (each is then trimmed to its longest):
+        templates differ in length, and a batch costs as much as its longest prompt."""
         lengths = mask.sum(1)
         order = lengths.argsort(stable=True)
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc=what, unit="batch",
                           disable=not self.progress or len(starts) < 4):
-            rows = order[start:start + self.batch_size]
-            yield rows, max(int(lengths[rows].max()), 1)
+            yield order[start:start + self.batch_size]
 
 
 def ensemble(prompt_embeddings: torch.Tensor, n_classes: int) -> torch.Tensor:

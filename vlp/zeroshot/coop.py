@@ -6,11 +6,13 @@ word embeddings through `model.encode_text(..., inputs_embeds=...)`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,10 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlp.atomic import atomic_write
+from vlp.data.images import eval_transform
 from vlp.zeroshot import report
 from vlp.zeroshot.classes import ClassList
 from vlp.zeroshot.classifier import TextEncoder, ZeroShotClassifier
 from vlp.zeroshot.errors import ZeroShotError
+from vlp.zeroshot.sources import source_batches
 from vlp.zeroshot.templates import LearnedPrompt
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,7 @@ def encode_prompts(model, ctx: torch.Tensor, class_embeds: torch.Tensor,
     n_ctx = ctx.shape[0]
     embeds = torch.cat([class_embeds[:, :1], ctx.unsqueeze(0).expand(len(class_embeds), -1, -1),
                         class_embeds[:, 1 + n_ctx:]], 1)
-    return model.encode_text(None, mask, inputs_embeds=embeds)
+    return model.encode_text(attention_mask=mask, inputs_embeds=embeds)
 
 
 def init_context(model, encoder: TextEncoder, n_ctx: int, seed: int) -> torch.Tensor:
@@ -100,9 +104,26 @@ def learned_class_embeddings(model, encoder: TextEncoder, names: list[str], path
 def tune_context(model, encoder: TextEncoder, names: list[str], features: torch.Tensor,
                  targets: torch.Tensor, n_ctx: int = 4, steps: int = 300, lr: float = 2e-3,
                  seed: int = 0) -> tuple[torch.Tensor, list[float]]:
-    """Learn ctx on precomputed (frozen) image features; returns (ctx, loss per step)."""
-    for p in model.parameters():
+    """Learn ctx on precomputed (frozen) image features; returns (ctx, loss per step). The
+    model's own parameters are frozen meanwhile and given back as they were."""
+    with frozen(model):
+        return _tune(model, encoder, names, features, targets, n_ctx, steps, lr, seed)
+
+
+@contextlib.contextmanager
+def frozen(model):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
         p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _tune(model, encoder: TextEncoder, names: list[str], features: torch.Tensor, targets: torch.Tensor,
+          n_ctx: int, steps: int, lr: float, seed: int) -> tuple[torch.Tensor, list[float]]:
     ctx = torch.nn.Parameter(init_context(model, encoder, n_ctx, seed))
     embeds, mask = class_token_embeddings(model, encoder, names, n_ctx)
     optimizer = torch.optim.AdamW([ctx], lr=lr, weight_decay=0.0)
@@ -143,43 +164,16 @@ def default_prompt_path(model_dir: str, classes: ClassList, n_ctx: int, shots: i
 def tune_and_compare(opts, model, cfg, encoder: TextEncoder, classes: ClassList, templates,
                      source, cache) -> dict:
     """--tune-prompts N: shots -> context vectors; learned vs hand-written on the held-out rest."""
-    if isinstance(templates, LearnedPrompt):
-        raise ZeroShotError("--tune-prompts compares against hand-written --templates, not learned:")
-    if opts.scoring != "itc":
-        raise ZeroShotError("--tune-prompts works with --scoring itc")
-    if not source.labelled:
-        raise ZeroShotError("--tune-prompts needs labelled images (an ImageFolder tree or "
-                            "shards with --label-field)")
-    from vlp.data.images import eval_transform
-    from vlp.zeroshot.run import batches, finish_report
-
-    index = classes.index()
-    keys, labels, images = [], [], []
-    for batch_keys, batch_labels, batch_images in batches(source, eval_transform(cfg.data), 256):
-        keys += batch_keys
-        labels += batch_labels
-        images.append(batch_images)
-    images = torch.cat(images) if images else torch.empty(0)
-    known = [i for i, label in enumerate(labels) if label in index]
-    unknown = sorted({label for label in labels if label not in index})
-    if unknown:
-        log.warning("labels not in the class list (not used): %s", unknown[:20])
-    targets = [index[labels[i]] for i in known]
-    train_rows, test_rows = split_shots(targets, opts.tune_prompts, opts.seed)
-    train_idx = [known[i] for i in train_rows]
-    test_idx = [known[i] for i in test_rows]
-    if not test_idx:
-        raise ZeroShotError(f"no images left for evaluation after taking {opts.tune_prompts} "
-                            f"shots per class from {len(known)} labelled images")
+    _check_tuning_inputs(opts, templates, source)
+    shots = LabelledImages.read(source, cfg, classes, opts.tune_prompts, opts.seed)
     start = time.perf_counter()
     with torch.no_grad():
-        features = torch.cat([model.encode_image(chunk).float() for chunk in images.split(256)])
+        features = torch.cat([model.encode_image(chunk).float() for chunk in shots.images.split(256)])
     seconds = time.perf_counter() - start
-
     baseline = ZeroShotClassifier(model, encoder, classes.names, templates, "itc", cache=cache)
-    ctx, losses = tune_context(model, encoder, classes.names, features[train_idx],
-                               torch.tensor([index[labels[i]] for i in train_idx]),
-                               opts.n_ctx, opts.tune_steps, opts.tune_lr, opts.seed)
+    ctx, losses = tune_context(model, encoder, classes.names, features[shots.train],
+                               shots.targets(shots.train), opts.n_ctx, opts.tune_steps, opts.tune_lr,
+                               opts.seed)
     prompt_path = Path(opts.prompt_out) if opts.prompt_out else default_prompt_path(
         opts.model, classes, opts.n_ctx, opts.tune_prompts)
     save_context(prompt_path, ctx, {"n_ctx": opts.n_ctx, "shots": opts.tune_prompts,
@@ -189,23 +183,66 @@ def tune_and_compare(opts, model, cfg, encoder: TextEncoder, classes: ClassList,
     with torch.no_grad():
         learned = encode_prompts(model, ctx, *class_token_embeddings(model, encoder, classes.names,
                                                                      opts.n_ctx))
-    scale = float(model.logit_scale)
-    test_features = features[test_idx]
-    test_labels = [labels[i] for i in test_idx]
+    scale, test = float(model.logit_scale), shots.test
+    test_labels = [shots.labels[i] for i in test]
     hand = report.classification_metrics(
-        (scale * test_features @ baseline.class_embeddings.T).softmax(-1), test_labels, classes)
+        (scale * features[test] @ baseline.class_embeddings.T).softmax(-1), test_labels, classes)
     preds = report.Predictions()
-    preds.add([keys[i] for i in test_idx], test_labels,
-              (scale * test_features @ learned.T).softmax(-1),
-              report.thumbnails(images[test_idx], cfg.data.mean, cfg.data.std), index)
+    preds.add([shots.keys[i] for i in test], test_labels, (scale * features[test] @ learned.T).softmax(-1),
+              report.thumbnails(shots.images[test], cfg.data.mean, cfg.data.std), classes.index())
     extra = {"coop": {"shots_per_class": opts.tune_prompts, "n_ctx": opts.n_ctx,
-                      "steps": opts.tune_steps, "lr": opts.tune_lr, "n_train": len(train_idx),
+                      "steps": opts.tune_steps, "lr": opts.tune_lr, "n_train": len(shots.train),
                       "loss_first": losses[0] if losses else None,
                       "loss_last": losses[-1] if losses else None,
                       "prompt_file": str(prompt_path)},
              "hand_written": {k: hand[k] for k in ("top1", "top5", "mean_per_class", "n")},
              "templates": f"learned:{prompt_path}", "hand_written_templates": opts.templates}
-    metrics = finish_report(Path(opts.out), preds, classes, source, seconds, opts, extra)
+    metrics = report.finish_report(Path(opts.out), preds, classes, source, seconds, opts, extra)
     log.info("held-out top-1: learned %.3f vs hand-written (%s) %.3f",
              metrics["top1"], opts.templates, hand["top1"])
     return metrics
+
+
+def _check_tuning_inputs(opts, templates, source) -> None:
+    if isinstance(templates, LearnedPrompt):
+        raise ZeroShotError("--tune-prompts compares against hand-written --templates, not learned:")
+    if opts.scoring != "itc":
+        raise ZeroShotError("--tune-prompts works with --scoring itc")
+    if not source.labelled:
+        raise ZeroShotError("--tune-prompts needs labelled images (an ImageFolder tree or "
+                            "shards with --label-field)")
+
+
+@dataclass
+class LabelledImages:
+    """Every image of a labelled source with a known label, split into the tuning shots
+    (`train`: row indices) and the held-out rest (`test`)."""
+    keys: list[str]
+    labels: list[str]
+    images: torch.Tensor
+    index: dict[str, int]
+    train: list[int]
+    test: list[int]
+
+    @classmethod
+    def read(cls, source, cfg, classes: ClassList, shots: int, seed: int) -> "LabelledImages":
+        keys, labels, images = [], [], []
+        for batch_keys, batch_labels, batch_images in source_batches(source, eval_transform(cfg.data), 256):
+            keys += batch_keys
+            labels += batch_labels
+            images.append(batch_images)
+        images = torch.cat(images) if images else torch.empty(0)
+        index = classes.index()
+        unknown = sorted({label for label in labels if label not in index})
+        if unknown:
+            log.warning("labels not in the class list (not used): %s", unknown[:20])
+        known = [i for i, label in enumerate(labels) if label in index]
+        train_rows, test_rows = split_shots([index[labels[i]] for i in known], shots, seed)
+        test = [known[i] for i in test_rows]
+        if not test:
+            raise ZeroShotError(f"no images left for evaluation after taking {shots} "
+                                f"shots per class from {len(known)} labelled images")
+        return cls(keys, labels, images, index, [known[i] for i in train_rows], test)
+
+    def targets(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor([self.index[self.labels[i]] for i in rows])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlp.atomic import atomic_write
+from vlp.atomic import atomic_write, atomic_write_json
 
 from vlp.metrics import topk_accuracy
 from vlp.zeroshot.classes import ClassList
+from vlp.zeroshot.errors import ZeroShotError
+
+log = logging.getLogger(__name__)
 
 TOP_K = 5
 MISTAKES_SHOWN = 16
@@ -180,3 +184,43 @@ def thumbnails(images: torch.Tensor, mean: list[float], std: list[float]) -> np.
 
 def _short(text: str, width: int = 22) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def finish_report(out: Path, preds: Predictions, classes: ClassList, source, seconds: float, opts,
+                  extra: dict | None = None) -> dict:
+    """Metrics (when the images are labelled), predictions.csv, confusion and mistakes PNGs
+    and metrics.json under `out`; `opts` is the run's ZeroShotOptions."""
+    probs = preds.matrix(len(classes))
+    if source.labelled:
+        metrics = classification_metrics(probs, preds.labels, classes)
+    else:
+        metrics = {"n": 0, "n_predicted": len(preds.keys), "top1": None, "top5": None,
+                   "mean_per_class": None}
+    if not preds.keys:
+        raise ZeroShotError(f"no readable images in {opts.images} (skipped: {dict(source.skipped)})")
+    if metrics.get("unknown_labels"):
+        log.warning("labels not in the class list (left out of accuracy): %s",
+                    _describe(metrics["unknown_labels"]))
+    metrics.update({
+        "skipped": dict(source.skipped),
+        "images_per_s": len(preds.keys) / max(seconds, 1e-9),
+        "scoring": opts.scoring, "templates": opts.templates, "model": str(opts.model),
+        "images": opts.images, "n_classes": len(classes), **(extra or {}),
+    })
+    if source.skipped:
+        log.warning("skipped images: %s", dict(source.skipped))
+    write_predictions_csv(out / "predictions.csv", preds, classes)
+    confusion = metrics.pop("confusion", None)
+    if confusion:
+        plot_confusion(out / "confusion.png", confusion, classes)
+        atomic_write_json(out / "confusion.json",
+                          {"labels": classes.labels, "matrix": confusion})
+    plot_mistakes(out / "mistakes.png", preds, classes)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _describe(counts: dict) -> str:
+    items = list(counts.items())
+    text = ", ".join(f"{label!r} ({n})" for label, n in items[:20])
+    return text + (f" and {len(items) - 20} more" if len(items) > 20 else "")

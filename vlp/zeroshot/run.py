@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from vlp.atomic import atomic_write_json
 from tqdm import tqdm
 
 from vlp.zeroshot import report
 from vlp.zeroshot.classes import ClassList, load_classes, reject_indistinct
 from vlp.zeroshot.classifier import EmbeddingCache, TextEncoder, ZeroShotClassifier
+from vlp.zeroshot.coop import learned_class_embeddings, tune_and_compare
 from vlp.zeroshot.errors import ZeroShotError
-from vlp.zeroshot.sources import ImageSource, open_source
+from vlp.zeroshot.sources import ImageSource, open_source, source_batches
 from vlp.zeroshot.templates import LearnedPrompt, load_templates
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,12 @@ def run(opts: ZeroShotOptions) -> dict:
     cache = EmbeddingCache(Path(opts.cache_dir) if opts.cache_dir else out / "cache",
                            model_dir_fingerprint(opts.model))
     if opts.tune_prompts:
-        from vlp.zeroshot.coop import tune_and_compare
         return tune_and_compare(opts, model, cfg, encoder, classes, templates, source, cache)
     classifier = build_classifier(model, encoder, classes, templates, opts, cache)
     from vlp.data.images import eval_transform
     preds, seconds = classify(classifier, source, eval_transform(cfg.data), classes, cfg,
                               opts.batch_size, opts.progress)
-    metrics = finish_report(out, preds, classes, source, seconds, opts)
+    metrics = report.finish_report(out, preds, classes, source, seconds, opts)
     if source.kind == "single" and preds.keys:
         print_top5(preds, classes)
     return metrics
@@ -86,27 +85,12 @@ def run(opts: ZeroShotOptions) -> dict:
 
 def build_classifier(model, encoder, classes: ClassList, templates, opts, cache):
     if isinstance(templates, LearnedPrompt):
-        from vlp.zeroshot.coop import learned_class_embeddings
         embeddings = learned_class_embeddings(model, encoder, classes.names, templates.path,
                                               cache.model_fingerprint)
         return ZeroShotClassifier(model, encoder, classes.names, None, opts.scoring,
                                   class_embeddings=embeddings)
     return ZeroShotClassifier(model, encoder, classes.names, templates, opts.scoring,
                               itm_k=opts.itm_k, cache=cache)
-
-
-def batches(source: ImageSource, transform, batch_size: int):
-    """(keys, labels, images [B,3,H,W]) from a source, decoding errors already counted."""
-    keys, labels, images = [], [], []
-    for key, label, image in source:
-        keys.append(key)
-        labels.append(label)
-        images.append(transform(image))
-        if len(keys) == batch_size:
-            yield keys, labels, torch.stack(images)
-            keys, labels, images = [], [], []
-    if keys:
-        yield keys, labels, torch.stack(images)
 
 
 def classify(classifier: ZeroShotClassifier, source: ImageSource, transform,
@@ -116,7 +100,7 @@ def classify(classifier: ZeroShotClassifier, source: ImageSource, transform,
     bar = tqdm(total=source.expected_count(), unit="img", desc=f"zero-shot ({classifier.scoring})",
                disable=not progress)
     start = time.perf_counter()
-    for keys, labels, images in batches(source, transform, batch_size):
+    for keys, labels, images in source_batches(source, transform, batch_size):
         probs = classifier.probabilities(images)
         thumbs = report.thumbnails(images, cfg.data.mean, cfg.data.std) if source.labelled else None
         preds.add(keys, labels, probs, thumbs, index)
@@ -126,48 +110,9 @@ def classify(classifier: ZeroShotClassifier, source: ImageSource, transform,
     return preds, seconds
 
 
-def finish_report(out: Path, preds: report.Predictions, classes: ClassList,
-                  source: ImageSource, seconds: float, opts: ZeroShotOptions,
-                  extra: dict | None = None) -> dict:
-    probs = preds.matrix(len(classes))
-    if source.labelled:
-        metrics = report.classification_metrics(probs, preds.labels, classes)
-    else:
-        metrics = {"n": 0, "n_predicted": len(preds.keys), "top1": None, "top5": None,
-                   "mean_per_class": None}
-    if not preds.keys:
-        raise ZeroShotError(f"no readable images in {opts.images} (skipped: {dict(source.skipped)})")
-    if metrics.get("unknown_labels"):
-        log.warning("labels not in the class list (left out of accuracy): %s",
-                    _describe(metrics["unknown_labels"]))
-    metrics.update({
-        "skipped": dict(source.skipped),
-        "images_per_s": len(preds.keys) / max(seconds, 1e-9),
-        "scoring": opts.scoring, "templates": opts.templates, "model": str(opts.model),
-        "images": opts.images, "n_classes": len(classes), **(extra or {}),
-    })
-    if source.skipped:
-        log.warning("skipped images: %s", dict(source.skipped))
-    report.write_predictions_csv(out / "predictions.csv", preds, classes)
-    confusion = metrics.pop("confusion", None)
-    if confusion:
-        report.plot_confusion(out / "confusion.png", confusion, classes)
-        atomic_write_json(out / "confusion.json",
-                          {"labels": classes.labels, "matrix": confusion})
-    report.plot_mistakes(out / "mistakes.png", preds, classes)
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
-
-
 def print_top5(preds: report.Predictions, classes: ClassList) -> None:
     probs = preds.matrix(len(classes))[0]
     top_p, top_i = probs.topk(min(5, len(classes)))
     print(preds.keys[0])
     for p, i in zip(top_p.tolist(), top_i.tolist()):
         print(f"  {p:6.1%}  {classes.names[i]}")
-
-
-def _describe(counts: dict) -> str:
-    items = list(counts.items())
-    text = ", ".join(f"{label!r} ({n})" for label, n in items[:20])
-    return text + (f" and {len(items) - 20} more" if len(items) > 20 else "")

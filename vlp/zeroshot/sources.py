@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from PIL import Image
 
 from vlp.data.images import ImageTooLarge, decode_image
@@ -199,3 +200,17 @@ def _expand_shards(spec: str) -> list[str]:
     if missing or not urls:
         raise ZeroShotError(f"shards not found: {missing[:5] or spec}")
     return urls
+
+
+def source_batches(source: ImageSource, transform, batch_size: int):
+    """(keys, labels, images [B,3,H,W]) from a source, decoding errors already counted."""
+    keys, labels, images = [], [], []
+    for key, label, image in source:
+        keys.append(key)
+        labels.append(label)
+        images.append(transform(image))
+        if len(keys) == batch_size:
+            yield keys, labels, torch.stack(images)
+            keys, labels, images = [], [], []
+    if keys:
+        yield keys, labels, torch.stack(images)

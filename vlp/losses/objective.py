@@ -1,0 +1,69 @@
+"""The objective interface.
+
+An objective is one module in `vlp/losses/`: a class with a `name` (its config section
+`loss.<name>` and the name of its loss in logs and eval), an options dataclass (`Options`,
+with at least `weight`), the shared features it `needs`, and a `forward(features)` that
+returns `{"loss": scalar, **metrics}`. The model computes each shared feature at most once
+per batch (`vlp.model.features.Features`) and hands the same object to every enabled
+objective; the loop sums and logs whatever comes back. Listing the class in
+`vlp.losses.OBJECTIVES` is all it takes to configure, weight, log, checkpoint and evaluate
+it (see docs/architecture.md, "Adding an objective").
+
+Features an objective may read (`features.<name>`): `image_states`, `text_states`,
+`image_emb`, `text_emb` (global, L2-normalized), `image_tokens`, `text_tokens` (FILIP
+token embeddings), `input_ids`, `attention_mask` (trimmed), `image_id`, `batch`, and
+`model` for the fusion layers (`model.text.fuse`, `model.itm_head`) or the decoder.
+`needs` names what the model must build for it: "tokens" (the FILIP token projections),
+"fusion" (fusion layers and the ITM head), "decoder" (the captioning decoder).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ObjectiveOptions:
+    # Weight in the total loss; 0 turns the objective off (nothing of it is built or run).
+    weight: float = 1.0
+    # Curriculum: the objective joins when this fraction of the run is done (0: from the
+    # start) and its weight then grows linearly to `weight` over the next `ramp` of the run.
+    start: float = 0.0
+    ramp: float = 0.0
+
+
+class Objective(nn.Module):
+    name: ClassVar[str]
+    Options: ClassVar[type] = ObjectiveOptions
+    needs: ClassVar[frozenset[str]] = frozenset()
+    # Which scoring API's temperature this objective learns ("embeddings" for encode_image /
+    # encode_text, "tokens" for FILIP), so zero-shot can turn scores into probabilities.
+    scale_for: ClassVar[str | None] = None
+
+    def __init__(self, options, loss_cfg) -> None:
+        """`options`: this objective's `Options`; `loss_cfg`: the shared loss settings
+        (init_temperature, max_logit_scale)."""
+        super().__init__()
+        self.options = options
+
+    def set_progress(self, step: int, progress: float) -> None:
+        """Called by the trainer before each step; objectives with a schedule of their own
+        (ITM's negative hardness) follow it."""
+
+    def logit_scale(self) -> torch.Tensor:
+        raise NotImplementedError(f"objective {self.name} has no logit scale")
+
+    def forward(self, features) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def schedule_multiplier(options: ObjectiveOptions, progress: float) -> float:
+    """The curriculum factor in [0, 1] of an objective at `progress` (fraction of the run)."""
+    if progress < options.start:
+        return 0.0
+    if options.ramp <= 0:
+        return 1.0
+    return min(1.0, (progress - options.start) / options.ramp)
