@@ -4,7 +4,9 @@
 
 Several processes can embed disjoint shard subsets into one --out (`--stage embed --rank R
 --world W`), then one `--stage index` merges their chunks (add `--merge DIR...` for chunks
-written to other directories). A killed run resumes from its last finished chunk.
+written to other directories). A killed run resumes from its last finished chunk. An --out
+that holds another model's or another shard list's chunks is refused (`--append` adds shards
+to it), and so is a non-empty directory that is not an index build.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=0, help="this process's share: shards[rank::world]")
     p.add_argument("--world", type=int, default=1)
     p.add_argument("--merge", nargs="*", default=[], type=Path, help="other directories whose chunks join the index")
+    p.add_argument("--append", action="store_true",
+                   help="add --shards to an existing --out built from other shards (same model and settings)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=10_000, help="samples per resumable chunk")
     p.add_argument("--fp32", action="store_true", help="store embeddings as float32 (default float16)")
@@ -74,7 +78,8 @@ def run(args) -> int:
                                  chunk_size=args.chunk_size, fp16=not args.fp32, filip_tokens=args.filip_tokens,
                                  captions=not args.no_captions)
         encoder = Encoder(settings.model, threads=args.threads or None)
-        counts = embed_shards(encoder, shards, Path(args.out), settings, args.rank, args.world)
+        counts = embed_shards(encoder, shards, Path(args.out), settings, args.rank, args.world,
+                              append=args.append)
         print(json.dumps({"embed": counts}))
     if args.stage in ("all", "index"):
         model = args.model or _model_of(Path(args.out))

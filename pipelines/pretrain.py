@@ -8,7 +8,7 @@
     python pipelines/pretrain.py ...                         # one process, no launcher
 
 Overrides are dotted `key=value` pairs (data.train=SPEC, data.val=SPEC, train.steps=N,
-train.eval_every=N, output_dir=DIR, ...). `--resume` continues from the newest checkpoint
+train.eval_every=N, output_dir=DIR, ...), before or after the flags. `--resume` continues from the newest checkpoint
 in OUTPUT_DIR/checkpoints (same as train.resume=auto).
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
+    # Intermixed: flags and overrides in any order (`... --resume train.steps=35`).
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("train.resume=auto")
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    from vlp.train.checkpoint import CheckpointError
+
     try:
         cfg = load_config(args.config, overrides)
         from vlp.train.loop import pretrain
         pretrain(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, CheckpointError) as err:
         print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -36,9 +36,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.k < 1:
         p.error("-k must be >= 1")
+    from vlp.retrieval.search import StoreError
+
     try:
         print(json.dumps(run(args), indent=2, ensure_ascii=False))
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, StoreError) as err:
         print(f"search: error: {err}", file=sys.stderr)
         return 2
     return 0

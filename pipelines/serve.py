@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-k", type=int, default=100)
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest image query in pixels to decode, checked from its header (413 over it)")
+    p.add_argument("--max-decodes", type=int, default=2, help="image queries decoded at the same time")
     p.add_argument("--candidates", type=int, default=32, help="index candidates a rerank reorders")
     p.add_argument("--no-model", action="store_true",
                    help="serve embedding queries only, without loading the index's model")
@@ -41,7 +44,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"serve: error: {err}", file=sys.stderr)
         return 2
-    app = create_app(searcher, max_k=args.max_k, max_body_bytes=args.max_body)
+    app = create_app(searcher, max_k=args.max_k, max_body_bytes=args.max_body,
+                     max_image_pixels=args.max_image_pixels, max_decodes=args.max_decodes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -85,6 +85,22 @@ def test_value_outside_its_choices_names_the_key_and_the_choices(override, key):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("override", ["data.crop_scale=[0.9", "data.mean={a: [1", "output_dir='runs/x"])
+def test_yaml_syntax_error_in_an_override_is_a_one_line_error_naming_it(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert f"override '{override}'" in message and "not valid YAML" in message
+    assert "\n" not in message
+
+
+def test_yaml_syntax_error_in_the_config_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batch_size: [8\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML: .*line"):
+        load_config(path)
+
+
 def test_objective_sections_take_a_bare_weight_a_mapping_and_overrides_of_either_form(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("loss:\n  itc: 0.5\n  filip:\n    weight: 2\n    chunk: 8\n  weighting: dwa\n")

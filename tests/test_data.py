@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 from collections import Counter
@@ -15,6 +16,7 @@ from PIL import Image
 from vlp.config import ConfigError, DataConfig, TextConfig
 from vlp.data import (build_tokenizer, eval_loader, eval_transform, expand_spec, image_id,
                       load_image, mixgen, tokenize, train_loader)
+from vlp.data.sources import count_samples
 from vlp.data.writer import ShardWriter, write_sizes
 
 
@@ -287,6 +289,49 @@ def test_training_survives_corrupt_shards(tmp_path):
     assert len(batches) == 10 and set(skipped) == set(EXPECTED_SKIPS)
 
 
+def png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    """A one-color PNG: a few KB on disk whatever pixel count its header declares."""
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg_of(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 20, 200)).save(buf, "JPEG", quality=50)
+    return buf.getvalue()
+
+
+def test_images_over_the_pixel_budget_are_refused_from_the_header(monkeypatch):
+    from vlp.data.images import ImageTooLarge, decode_image
+
+    big = png((2000, 1500), "RGBA")
+    assert len(big) < 50_000
+    loads = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(self.size) or real_load(self))
+    with pytest.raises(ImageTooLarge, match=r"2000x1500 = 3\.0 MP.*over the 1 MP budget"):
+        decode_image(big, 64, max_pixels=1_000_000)
+    assert loads == []  # not one pixel decoded
+    assert decode_image(big, 64, max_pixels=4_000_000).size == (2000, 1500)
+    # A JPEG decodes at a reduced DCT scale first: 4000x3000 costs 500x375 pixels here.
+    assert decode_image(jpeg_of((4000, 3000)), 64, max_pixels=1_000_000).size == (500, 375)
+    with pytest.raises(ImageTooLarge):
+        decode_image(jpeg_of((4000, 3000)), 3000, max_pixels=1_000_000)
+
+
+def test_training_skips_and_counts_an_image_over_the_default_budget(tmp_path):
+    """A 1-color PNG declaring 7000x7000 pixels (49 MP, over the default 40 MP budget):
+    counted as `image_too_large`, never decoded, and the batch is filled by the next sample."""
+    samples = [good(i) for i in range(7)]
+    samples.insert(3, {"__key__": "huge", "png": png((7000, 7000)), "txt": "a very large image"})
+    spec = write_shards(tmp_path, "train", samples, maxcount=100)
+    (batch,) = list(train_loader(cfg_for(spec, train_samples=7, batch_size=7, shuffle_buffer=1), None))
+    assert "huge" not in batch["key"] and len(batch["key"]) == 7
+    # The shard is drawn again to decode the next batch, whose skips come with this one.
+    assert set(batch["skipped"]) == {"image_too_large"}
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_bad_image_is_replaced_and_images_stay_with_their_keys(tmp_path, workers):
     """Decoding fills a batch in place: a sample after an undecodable one takes its slot,
@@ -421,3 +466,25 @@ def test_tar_header_checksums_with_non_ascii_bytes(tmp_path):
     data[0] ^= 0x80  # still non-ASCII, byte sum off by 128
     with pytest.raises(BrokenTar, match="checksum"):
         list(tar_members(io.BytesIO(bytes(data))))
+
+
+def test_epoch_length_from_img2dataset_stats_when_sizes_json_is_absent(tmp_path):
+    """Order: explicit count > sizes.json > img2dataset's NNNNN_stats.json > an error."""
+    for i, n in enumerate((4, 3)):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"\0" * 1024)  # only counted, never read
+        (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"count": n + 1, "successes": n, "failed_to_download": 1}))
+    spec = str(tmp_path / "{00000..00001}.tar")
+    urls = expand_spec(spec)
+    assert count_samples(urls, None, "data.train_samples") == 7
+    assert count_samples(urls, 20, "data.train_samples") == 20
+    from vlp.data.sources import known_sample_count  # what progress bars use: None when unknown
+    assert known_sample_count(urls) == 7
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 10}))  # wins where it has an entry
+    assert count_samples(urls, None, "data.train_samples") == 13
+    (tmp_path / "00001_stats.json").unlink()
+    with pytest.raises(ConfigError, match=r"00001\.tar.*00001_stats\.json.*data\.train_samples"):
+        count_samples(urls, None, "data.train_samples")
+    assert known_sample_count(urls) is None
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"count": 3}))
+    with pytest.raises(ConfigError, match="no 'successes'"):
+        count_samples(urls, None, "data.train_samples")

@@ -144,3 +144,82 @@ def test_shard_reader_gives_seekable_offsets_and_counts_a_tar_cut_between_member
     assert [s.key for s in kept] == [whole[0].key] and third.key not in {s.key for s in kept}
     assert read_member(str(cut), kept[0].image_offset, kept[0].image_size) == whole[0].image_bytes
     assert skips.total["bad_tar"] == 1
+
+
+def _build(capsys, *args) -> tuple[int, str]:
+    from pipelines.build_index import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_an_unrelated_out_directory_is_never_written_into(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "chunks").mkdir(parents=True)
+    (out / "chunks" / "notes.txt").write_text("my notes")
+    (out / "manifest.json").write_text('{"mine": true}')
+    shard = tiny_shards()[1]
+    for stage in ("all", "index"):
+        code, err = _build(capsys, "--model", tiny_model_dir(), "--shards", shard, "--out", out, "--stage", stage)
+        assert code == 2 and "is not empty" in err and "is not a vlp index build" in err, err
+    assert (out / "chunks" / "notes.txt").read_text() == "my notes"
+    assert (out / "manifest.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in out.rglob("*")) == ["chunks", "manifest.json", "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _build(capsys, "--model", tiny_model_dir(), "--shards", shard, "--out", empty)[0] == 0
+
+
+def test_another_model_or_shard_list_never_mixes_into_an_index(tmp_path, capsys):
+    """The model is keyed by its content, not its path: new weights in the same directory
+    are another model. Another shard list is refused too, unless --append says so."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    out, shards = tmp_path / "idx", tiny_shards()
+    assert _build(capsys, "--model", model, "--shards", shards[1], "--out", out)[0] == 0
+    weights = load_file(str(model / "model.safetensors"))
+    weights = {name: tensor + 0.01 if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+    save_file(weights, str(model / "model.safetensors"))  # retrained in place
+    code, err = _build(capsys, "--model", model, "--shards", f"{shards[1]}::{shards[2]}", "--out", out)
+    assert code == 2 and "by another model (its weights or config differ" in err, err
+    code, err = _build(capsys, "--model", model, "--shards", shards[1], "--out", out)
+    assert code == 2 and "by another model" in err and "shard list" not in err
+    # The original model again (moved elsewhere: the path may change) and one more shard.
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model_dir(), moved)
+    code, err = _build(capsys, "--model", moved, "--shards", f"{shards[1]}::{shards[2]}", "--out", out)
+    assert code == 2 and "from another shard list (1 shards then, 2 now: 1 new, 0 left out; --append" in err, err
+    assert _build(capsys, "--model", moved, "--shards", shards[2], "--out", out, "--append")[0] == 0
+    assert Searcher(out).manifest.count == 20
+    assert len(json.loads((out / "build.json").read_text())["shards"]) == 2
+    other = tmp_path / "other"
+    assert _build(capsys, "--model", model, "--shards", shards[0], "--out", other, "--stage", "embed")[0] == 0
+    code, err = _build(capsys, "--out", out, "--stage", "index", "--merge", other)
+    assert code == 2 and "chunks of different models cannot be merged" in err
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_indexing_counts_images_over_the_pixel_budget(tmp_path):
+    from vlp.data.writer import ShardWriter
+    from vlp.retrieval.encoder import Encoder
+
+    with ShardWriter(tmp_path / "shards", "big", 10) as writer:
+        writer.write({"__key__": "big", "png": _png((1200, 1000)), "txt": "large"})
+        writer.write({"__key__": "small", "png": _png((40, 40)), "txt": "small"})
+    enc = Encoder(tiny_model_dir())
+    enc.cfg.data.max_image_pixels = 1_000_000  # the model config's budget applies
+    counts = embed_shards(enc, [str(tmp_path / "shards" / "big-000000.tar")], tmp_path / "idx", settings())
+    assert counts["embedded"] == 1 and counts["skipped_image_too_large"] == 1

@@ -236,23 +236,45 @@ def test_zero2_sigterm_saves_a_checkpoint_that_exports(shards, tmp_path):
     assert (tmp_path / "model/model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.stepz=3", "unknown config key 'train.stepz'"),
-    ("data.train=/nonexistent/train-000000.tar", "/nonexistent/train-000000.tar"),
-    ("data.val=/nonexistent/val-{000000..000001}.tar", "/nonexistent/val-000000.tar"),
-    ("train.precision=fp16", "fp16 needs a GPU"),
-])
-def test_user_mistakes_are_clear_errors(shards, tmp_path, capsys, override, message):
+def _pretrain_module():
     sys.path.insert(0, str(REPO / "pipelines"))
     try:
         import pretrain
     finally:
         sys.path.pop(0)
+    return pretrain
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("data.train=/nonexistent/train-000000.tar", "/nonexistent/train-000000.tar"),
+    ("data.val=/nonexistent/val-{000000..000001}.tar", "/nonexistent/val-000000.tar"),
+    ("train.precision=fp16", "fp16 needs a GPU"),
+    ("data.crop_scale=[0.9", "override 'data.crop_scale=[0.9': not valid YAML"),
+])
+def test_user_mistakes_are_clear_errors(shards, tmp_path, capsys, override, message):
+    pretrain = _pretrain_module()
     config = write_config(tmp_path / "cfg.yaml", shards["train"], shards["val"])
     assert pretrain.main(["--config", str(config), f"output_dir={tmp_path / 'run'}", override]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_flags_and_overrides_in_any_order():
+    pretrain = _pretrain_module()
+    args = pretrain.parse_args(["output_dir=runs/x", "--resume", "train.steps=35", "--config", "c.yaml",
+                                "data.batch_size=4"])
+    assert args.resume and args.config == "c.yaml"
+    assert args.overrides == ["output_dir=runs/x", "train.steps=35", "data.batch_size=4"]
+
+
+def test_an_override_after_resume_reaches_the_config(shards, tmp_path, capsys):
+    pretrain = _pretrain_module()
+    config = write_config(tmp_path / "cfg.yaml", shards["train"], shards["val"])
+    assert pretrain.main(["--config", str(config), f"output_dir={tmp_path / 'run'}", "--resume",
+                          "train.stepz=35"]) == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().err
 
 
 def test_eval_of_an_itc_only_model_reports_itc_and_leaves_out_the_missing_heads(shards):
@@ -282,3 +304,174 @@ def test_eval_of_an_itc_only_model_reports_itc_and_leaves_out_the_missing_heads(
     assert "itc" in got["loss"]
     table = format_table(got)
     assert table.splitlines()[1].startswith("itc") and "filip" not in table
+
+
+# --------------------------------------------------------------------------- one run per output_dir, checkpoint integrity
+
+@pytest.fixture(scope="module")
+def six_steps(shards, tmp_path_factory) -> dict[str, Path]:
+    """One process, ZeRO 0: 6 steps, checkpoints at 3 and 6, a metrics line per step."""
+    tmp = tmp_path_factory.mktemp("six")
+    config = write_config(tmp / "cfg.yaml", shards["train"], "", zero_stage=0, checkpoint_every=3)
+    run([sys.executable, PRETRAIN, "--config", str(config), f"output_dir={tmp / 'run'}"])
+    return {"run": tmp / "run", "config": config}
+
+
+def _copy_run(six_steps, tmp_path) -> Path:
+    shutil.copytree(six_steps["run"], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_into_a_directory_holding_a_run_is_refused(six_steps, capsys):
+    pretrain = _pretrain_module()
+    before = _snapshot(six_steps["run"])
+    assert pretrain.main(["--config", str(six_steps["config"]), f"output_dir={six_steps['run']}",
+                          "train.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir {six_steps['run']} already holds a run (checkpoints/, metrics.jsonl, model/)" in err
+    assert "--resume" in err and "train.overwrite=true" in err and "Traceback" not in err
+    assert _snapshot(six_steps["run"]) == before
+
+
+def test_overwrite_deletes_the_earlier_run_and_only_it(six_steps, tmp_path, capsys):
+    from vlp.config import ConfigError
+    from vlp.train.rundir import earlier_run, prepare_run_dir
+
+    run_dir = _copy_run(six_steps, tmp_path)
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="give one of them"):
+        prepare_run_dir(run_dir, "auto", True)
+    prepare_run_dir(run_dir, "auto", False)  # resuming the run there is what --resume is for
+    prepare_run_dir(run_dir, None, True)
+    assert earlier_run(run_dir) == [] and sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    assert "deleting the earlier run" in capsys.readouterr().out
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "overwrite":  # 64 KiB of garbage inside the weights, as the fault pass did
+        middle = len(data) // 2
+        data[middle:middle + 65536] = os.urandom(65536)
+    else:
+        data = data[:len(data) // 3]
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_are_named_and_auto_falls_back_to_an_intact_one(six_steps, tmp_path, capsys):
+    from vlp.train.checkpoint import find_checkpoint
+
+    ckpts = _copy_run(six_steps, tmp_path) / "checkpoints"
+    newest, older = ckpts / "step-00000006", ckpts / "step-00000003"
+    assert find_checkpoint("auto", ckpts) == newest
+    _damage(newest / "mp_rank_00_model_states.pt", "overwrite")
+    assert find_checkpoint("auto", ckpts) == older
+    out = capsys.readouterr().out
+    assert f"falling back to {older}" in out
+    assert "step-00000006: mp_rank_00_model_states.pt does not match its checksum (corrupted)" in out
+    with pytest.raises(RuntimeError, match=r"step-00000006: mp_rank_00_model_states\.pt does not match"):
+        find_checkpoint(str(newest), ckpts)
+    _damage(older / "mp_rank_00_model_states.pt", "truncate")
+    with pytest.raises(RuntimeError, match=r"no intact checkpoint.*step-00000003: mp_rank_00_model_states\.pt "
+                                           r"has \d+ bytes, not \d+ \(cut short\?\)"):
+        find_checkpoint("auto", ckpts)
+
+
+def test_resume_skips_a_corrupted_checkpoint_and_keeps_one_metrics_line_per_step(six_steps, tmp_path):
+    """64 KiB overwritten inside the newest weights: --resume (an override after it) falls back
+    to step 3 and says so, replays steps 4-6 as the first run did, and metrics.jsonl keeps
+    one line per step."""
+    run_dir = _copy_run(six_steps, tmp_path)
+    _damage(run_dir / "checkpoints/step-00000006/mp_rank_00_model_states.pt", "overwrite")
+    done = run([sys.executable, PRETRAIN, "--config", str(six_steps["config"]), f"output_dir={run_dir}",
+                "--resume", "train.steps=7"])
+    assert f"falling back to {run_dir / 'checkpoints/step-00000003'}" in done.stdout
+    assert "resumed from" in done.stdout and "at step 3" in done.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    first, again = train_losses(six_steps["run"]), train_losses(run_dir)
+    for step in (4, 5):  # step 6 ends a 6-step cosine in the first run, not in this 7-step one
+        assert again[step] == pytest.approx(first[step], rel=2e-2), (step, first, again)
+
+
+def test_a_damaged_checkpoint_named_for_resume_is_a_clear_error(six_steps, tmp_path):
+    run_dir = _copy_run(six_steps, tmp_path)
+    _damage(run_dir / "checkpoints/step-00000006/mp_rank_00_model_states.pt", "truncate")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, PRETRAIN, "--config", str(six_steps["config"]), f"output_dir={run_dir}",
+                           f"train.resume={run_dir}/checkpoints/step-00000006"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "step-00000006: mp_rank_00_model_states.pt has" in done.stderr and "cut short" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _poison(ckpt: Path) -> None:
+    """NaN in one weight matrix, in the module state and the fp32 master copy, with checksums
+    rewritten: a run that diverged and saved, not a damaged file."""
+    path = ckpt / "mp_rank_00_model_states.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    name = next(n for n in saved["module"] if n.endswith("patch_embed.proj.weight"))
+    with torch.no_grad():
+        saved["module"][name].fill_(float("nan"))
+        for group in (saved.get("optimizer") or {}).get("fp32_groups") or []:
+            for tensor in group:
+                if tensor.shape == saved["module"][name].shape:
+                    tensor.fill_(float("nan"))
+    torch.save(saved, path)
+    if (ckpt / "checksums.json").exists():
+        from vlp.train.checkpoint import write_checksums
+
+        (ckpt / "checksums.json").unlink()
+        write_checksums(ckpt)
+
+
+def test_non_finite_weights_are_an_error_on_export_and_resume(six_steps, tmp_path):
+    from vlp.train import checkpoint
+    from vlp.train.export import export_model_dir
+    from vlp.train.launch import World
+
+    ckpt = _copy_run(six_steps, tmp_path) / "checkpoints/step-00000006"
+    _poison(ckpt)
+    with pytest.raises(RuntimeError, match=r"step-00000006 holds non-finite weights \(.*patch_embed\.proj\.weight"):
+        export_model_dir(ckpt, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+    class LoadedEngine:  # what DeepSpeed hands back after loading that checkpoint
+        module = export_module(ckpt)
+
+        def load_checkpoint(self, *args, **kwargs):
+            return str(ckpt), {}
+
+    with pytest.raises(RuntimeError, match=r"step-00000006 holds non-finite weights.*resume from an earlier"):
+        checkpoint.load(LoadedEngine(), ckpt, World(0, 0, 1, 1, "cpu"))
+
+
+def export_module(ckpt: Path):
+    """The checkpoint's model as a loaded engine holds it: here with the NaN weight _poison put in."""
+    from vlp.config import load_config
+    from vlp.model import build_model
+
+    model = build_model(load_config(ckpt / "config.yaml"))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("patch_embed.proj.weight")).fill_(float("nan"))
+    return model
+
+
+def test_a_resumed_run_drops_the_metrics_lines_it_replays(tmp_path):
+    from vlp.train.progress import RunLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "kind": "train", "loss": 1.0 / s}) for s in range(1, 8)]
+    lines.insert(3, json.dumps({"step": 3, "kind": "eval", "itc": {"t2i_r1": 0.5}}))
+    path.write_text("\n".join(lines) + '\n{"step": 8, "kind": "tr')  # the last line cut by a kill
+    log = RunLog(tmp_path, total_steps=10, start_step=3, enabled=True)
+    log.record(4, "train", {"loss": 0.2})
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (3, "eval"),
+                                                           (4, "train")]
+    assert records[-1]["loss"] == 0.2

@@ -110,7 +110,7 @@ def test_plain_folder_file_list_and_single(tmp_path):
     listing.write_text("0.png\n1.png\n")
     assert [k.endswith(".png") for k, _, _ in open_source([str(listing)])] == [True, True]
     files = open_source([str(tmp_path / "0.png"), str(tmp_path / "2.png")])
-    assert len(files) == 2 and files.kind == "files"
+    assert files.expected_count() == 2 and files.kind == "files"
     single = open_source([str(tmp_path / "1.png")])
     assert single.kind == "single"
     with pytest.raises(ZeroShotError, match="image file not found"):

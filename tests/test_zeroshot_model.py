@@ -13,9 +13,8 @@ from PIL import Image
 
 from vlp.config import Config
 from vlp.data import eval_transform, tokenize
-from vlp.model import build_model, save_model_dir
-from vlp.zeroshot.classifier import (EmbeddingCache, TextEncoder, ZeroShotClassifier,
-                                     model_fingerprint, prompts_for)
+from vlp.model import build_model, model_dir_fingerprint, save_model_dir
+from vlp.zeroshot.classifier import EmbeddingCache, TextEncoder, ZeroShotClassifier, prompts_for
 from vlp.zeroshot.coop import learned_class_embeddings, load_context, tune_context
 from vlp.zeroshot.run import load_model
 
@@ -186,7 +185,7 @@ def test_itc_filip_itm_agree_with_direct_model_calls(model_dir, held_out):
 def test_class_embedding_cache(model_dir, tmp_path):
     model, cfg, tokenizer = load_model(model_dir)
     encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=False)
-    cache = EmbeddingCache(tmp_path, model_fingerprint(model_dir))
+    cache = EmbeddingCache(tmp_path, model_dir_fingerprint(model_dir))
     first = ZeroShotClassifier(model, encoder, ["red", "blue"], ["a {}"], cache=cache)
     again = ZeroShotClassifier(model, encoder, ["red", "blue"], ["a {}"], cache=cache)
     assert cache.hits == 1
@@ -293,3 +292,36 @@ def test_coop_lowers_loss_and_round_trips(model_dir, held_out, classes_json, tmp
     assert code == 0 and json.loads(out[-1])["n"] == 24
     reused = learned_class_embeddings(model, encoder, ["red square", "blue square"], prompt)
     assert torch.allclose(reused.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_class_names_differing_only_in_case_are_an_error_naming_both(model_dir, held_out, tmp_path, capsys):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("apple\nred\nApple\nblue\n")
+    code, _, err = _cli(capsys, "--model", model_dir, "--images", held_out, "--classes", classes,
+                        "--out", tmp_path / "out")
+    assert code == 2 and "'apple' = 'Apple'" in err and "cannot tell apart" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def _labelled_shards(held_out: Path, out: Path) -> str:
+    """Two labelled shards of the held-out images, with no sizes.json beside them."""
+    from vlp.data.writer import ShardWriter
+
+    out.mkdir()
+    with ShardWriter(out, "val", 12) as writer:
+        for path in sorted(held_out.rglob("*.png")):
+            writer.write({"__key__": f"{path.parent.name}{path.stem}", "png": path.read_bytes(),
+                          "json": {"group": path.parent.name}})
+    assert not (out / "sizes.json").exists()
+    return str(out / "val-000000.tar")
+
+
+def test_labelled_shards_without_sizes_json_classify_with_an_open_ended_bar(model_dir, held_out,
+                                                                           classes_json, tmp_path, capsys):
+    shard = _labelled_shards(held_out, tmp_path / "shards")
+    for quiet in (["--quiet"], []):  # the bar is built either way
+        code = zeroshot_cli.main(["--model", str(model_dir), "--images", shard, "--label-field", "group",
+                                  "--classes", str(classes_json), "--out", str(tmp_path / "out"), *quiet])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert json.loads(captured.out.strip().splitlines()[-1])["n"] == 12

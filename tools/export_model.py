@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from vlp.config import ConfigError
-from vlp.train.checkpoint import find_checkpoint
+from vlp.train.checkpoint import CheckpointError, find_checkpoint
 
 
 def resolve(source: Path) -> Path:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or ckpt.parent.parent / "model"
         from vlp.train.export import export_model_dir
         export_model_dir(ckpt, out)
-    except (FileNotFoundError, ConfigError) as err:
+    except (FileNotFoundError, ConfigError, CheckpointError) as err:
         print(f"export_model: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {ckpt} → {out}")

@@ -40,6 +40,9 @@ class DataConfig:
     # Off by default: captions say "left"/"right", a flip would make them lies.
     hflip: bool = False
     max_len: int = 32
+    # Pixel budget per image, after JPEG's reduced-scale decoding; checked from the header
+    # before decoding. Larger images are counted skips (`image_too_large`); 0: no budget.
+    max_image_pixels: int = 40_000_000
     # MixGen (Hao et al. 2023): blend two images, join their captions.
     mixgen_prob: float = 0.0
     mixgen_lambda: float = 0.5
@@ -185,6 +188,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # "auto" resumes from the newest checkpoint in output_dir; a path resumes from it.
     resume: Optional[str] = None
+    # A new run into an output_dir that holds an earlier run is refused unless this is true;
+    # then the earlier run's checkpoints, metrics and model are deleted first.
+    overwrite: bool = False
     seed: int = 0
     # CPU intra-op threads per rank; 0 splits the usable cores between the local ranks.
     threads: int = 0
@@ -230,7 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     _migrate_legacy_keys(raw)
@@ -374,7 +380,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else ""
+    value = _parse_yaml(text, f"override '{item}'") if text else ""
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -388,6 +394,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     _expand_objective_weights(raw)
 
 
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        # PyYAML's message spans several lines with a caret drawing; its first line and the
+        # position are what the user needs.
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML: {problem}{at}") from None
+
+
 def _check_choices(cfg: Config) -> None:
     for dotted, allowed in _CHOICES.items():
         value = cfg
@@ -397,6 +415,8 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"config key '{dotted}' must be one of {allowed}, got {value!r}")
     if cfg.model.text.fusion_layers < 0:
         raise ConfigError("config key 'model.text.fusion_layers' must be >= 0")
+    if cfg.data.max_image_pixels < 0:
+        raise ConfigError("config key 'data.max_image_pixels' must be >= 0 (0: no budget)")
     if cfg.data.batch_size < 1:
         raise ConfigError("config key 'data.batch_size' must be >= 1")
     if cfg.train.max_minutes < 0:

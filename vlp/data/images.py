@@ -24,17 +24,33 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _RESAMPLE = Image.Resampling.BICUBIC
 
 
-def decode_image(data: bytes, min_side: int) -> Image.Image:
+class ImageTooLarge(ValueError):
+    """The image would decode to more pixels than the budget allows; refused from its
+    header, before any pixel is decoded."""
+
+
+def decode_image(data: bytes, min_side: int, max_pixels: int | None = None) -> Image.Image:
     """Decode to RGB. JPEGs are decoded at a reduced DCT scale when the result stays at
-    least `min_side` px on its short side: 2-8x faster, invisible after the downscale."""
+    least `min_side` px on its short side: 2-8x faster, invisible after the downscale.
+
+    `max_pixels` bounds the pixels actually decoded (after that reduction), checked from the
+    header: a small PNG can declare 13000x13000 RGBA pixels, ~680 MB once decoded, and a
+    few of those at once exhaust a server. Raises ImageTooLarge over the budget (also for
+    images over PIL's own decompression-bomb limit) and ValueError for unreadable bytes."""
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ValueError(f"not a recognizable image ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(str(err)) from None
     if img.format == "JPEG":
         w, h = img.size
         scale = max(min_side / min(w, h), 1e-6)
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise ImageTooLarge(f"image is {w}x{h} = {w * h / 1e6:.1f} MP to decode, over the "
+                            f"{max_pixels / 1e6:g} MP budget")
     img.load()
     if img.mode in ("RGBA", "LA") or "transparency" in img.info:
         # Transparent pixels carry arbitrary colors; show them as white, like a viewer would.
@@ -136,7 +152,7 @@ def load_image(path: str | Path, cfg: DataConfig) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        img = decode_image(path.read_bytes(), cfg.image_size)
+        img = decode_image(path.read_bytes(), cfg.image_size, cfg.max_image_pixels)
     except Exception as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
     return eval_transform(cfg)(img)

@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from vlp.config import ConfigError, DataConfig
-from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, TrainTransform, decode_image
+from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, ImageTooLarge, TrainTransform, decode_image
 from vlp.data.mixgen import mixgen
 from vlp.data.skips import SkipCounter
 from vlp.data.slots import BatchSlots, SlotRef
@@ -283,9 +283,10 @@ class _Batch:
                 break
             for sample in todo:
                 try:
-                    img = decode_image(sample["image"], self.transform.min_side)
+                    img = decode_image(sample["image"], self.transform.min_side, self.cfg.max_image_pixels)
                 except Exception as err:  # PIL raises many types for bad bytes
-                    self.ctx.skips.record("bad_image", f"{sample['url']}:{sample['key']}: {err}")
+                    reason = "image_too_large" if isinstance(err, ImageTooLarge) else "bad_image"
+                    self.ctx.skips.record(reason, f"{sample['url']}:{sample['key']}: {err}")
                     continue
                 pixels[len(kept)] = np.asarray(self.transform(img, rng)).transpose(2, 0, 1)
                 kept.append(sample)

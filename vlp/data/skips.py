@@ -10,6 +10,7 @@ log = logging.getLogger("vlp.data")
 # Every reason a sample (or a whole shard) can be skipped.
 REASONS = (
     "bad_image",        # image bytes PIL cannot decode
+    "image_too_large",  # more pixels than data.max_image_pixels (refused before decoding)
     "missing_image",    # no .jpg/.jpeg/.png/.webp member
     "missing_caption",  # no .txt and no json "captions"
     "empty_caption",    # captions present but all blank

@@ -3,6 +3,7 @@ config.yaml + model.safetensors (fp32) + tokenizer/, written atomically."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -87,6 +88,18 @@ def save_model_dir(model: VLPModel, cfg: Config, tokenizer, path: str | Path) ->
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def model_dir_fingerprint(path: str | Path) -> str:
+    """sha256 of a model directory's weights and config: equal exactly when the model is.
+    What anything derived from a model (index chunks, class-embedding caches) is keyed on,
+    so a retrained model in the same place never reuses the old model's outputs."""
+    digest = hashlib.sha256()
+    for name in ("config.yaml", "model.safetensors"):
+        with open(Path(path) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):

@@ -1,6 +1,7 @@
 """From finished embedding chunks to a searchable index directory."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Iterable, Optional
@@ -25,6 +26,7 @@ def build_index_dir(index_dir: Path, model: str, factory: Optional[str] = None,
     part of the index); an index without captions tunes on a sample of its own vectors.
     """
     index_dir = Path(index_dir)
+    _check_one_model(index_dir, [Path(d) for d in merge_from])
     count = store.merge_chunks(index_dir, merge_from)
     items = store.ItemStore(index_dir)
     vectors = np.asarray(items.image_emb, dtype=np.float32)
@@ -44,3 +46,19 @@ def build_index_dir(index_dir: Path, model: str, factory: Optional[str] = None,
     log.info("index: %d items, %s, %s, recall@10 %.3f", count, manifest.factory,
              manifest.search_params, manifest.recall_at_10)
     return manifest
+
+
+def _check_one_model(index_dir: Path, merge_from: list[Path]) -> None:
+    """The index is written into `index_dir`, which must be ours (see refuse_foreign), and
+    all chunks merged into it must come from one model."""
+    from vlp.retrieval.embed import BUILD_FILE, refuse_foreign
+
+    refuse_foreign(index_dir)
+    hashes = {}
+    for directory in [index_dir, *merge_from]:
+        build = directory / BUILD_FILE
+        if build.is_file():
+            hashes[str(directory)] = json.loads(build.read_text()).get("model_hash")
+    if len(set(hashes.values())) > 1:
+        raise ValueError("chunks of different models cannot be merged: "
+                         + ", ".join(f"{d} (model hash {str(h)[:12]})" for d, h in hashes.items()))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -16,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from vlp.atomic import atomic_write_json
-from vlp.config import ConfigError
+from vlp.data.images import ImageTooLarge
 from vlp.data.skips import SkipCounter
-from vlp.data.sources import count_samples
+from vlp.data.sources import known_sample_count
 from vlp.retrieval import store
 from vlp.retrieval.encoder import Encoder
 from vlp.retrieval.shards import RawSample, iter_shard
@@ -37,32 +38,75 @@ class EmbedSettings:
     filip_tokens: int = 16
     # Caption embeddings: needed for --eval and to tune on real text queries.
     captions: bool = True
+    # Set by embed_shards: the model's content (weights + config) and the shards embedded.
+    model_hash: str = ""
+    shards: list[str] = field(default_factory=list)
 
-    def check_against(self, index_dir: Path) -> None:
-        """A resumed or merged build must use the settings its chunks were made with."""
+    def check_against(self, index_dir: Path, append: bool = False) -> None:
+        """A resumed or merged build must use the model, the shards and the settings its
+        chunks were made with; `append` lets the shard list grow. A directory that is not
+        empty and holds no build is never written into."""
         path = Path(index_dir) / BUILD_FILE
-        if path.is_file():
-            before = json.loads(path.read_text())
-            changed = {k: (before.get(k), v) for k, v in asdict(self).items()
-                       if k != "batch_size" and before.get(k) != v}
-            if changed:
-                detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-                raise ValueError(f"{index_dir} holds chunks built with other settings ({detail}); "
-                                 f"use a new --out or the original settings")
-        else:
+        if not path.is_file():
+            refuse_foreign(index_dir)
             atomic_write_json(path, asdict(self))
+            return
+        before = json.loads(path.read_text())
+        ignored = {"batch_size", "model"} | ({"shards"} if append else set())
+        changed = {k: (before.get(k), v) for k, v in asdict(self).items() if k not in ignored and before.get(k) != v}
+        if changed:
+            raise ValueError(f"{index_dir} holds chunks built {_explain_change(changed)}; "
+                             f"use a new --out or the original model, shards and settings")
+        if append or before.get("model") != self.model:
+            now = asdict(self)
+            now["shards"] = list(dict.fromkeys(before.get("shards", []) + self.shards))
+            atomic_write_json(path, now)
+
+
+def refuse_foreign(index_dir: Path) -> None:
+    """An index build cleans and overwrites files in its directory: it must own it."""
+    index_dir = Path(index_dir)
+    if index_dir.exists() and not index_dir.is_dir():
+        raise ValueError(f"{index_dir} is a file, not an index directory")
+    # Atomic writes of another rank starting in the same directory leave hidden temp files.
+    present = [p.name for p in index_dir.iterdir() if not p.name.startswith(".")] if index_dir.is_dir() else []
+    if present and not (index_dir / BUILD_FILE).is_file():
+        raise ValueError(f"{index_dir} is not empty ({', '.join(sorted(present)[:5])}) and is not a vlp index "
+                         f"build (no {BUILD_FILE}): refusing to write into it; use a new or empty --out")
+
+
+def _explain_change(changed: dict) -> str:
+    reasons = []
+    if "model_hash" in changed:
+        before, now = changed.pop("model_hash")
+        reasons.append("by another model (its weights or config differ: hash "
+                       f"{(before or 'none, from an older vlp')[:12]} → {now[:12]})")
+    if "shards" in changed:
+        before, now = (set(x or ()) for x in changed.pop("shards"))
+        reasons.append(f"from another shard list ({len(before)} shards then, {len(now)} now: "
+                       f"{len(now - before)} new, {len(before - now)} left out; --append adds shards)")
+    if changed:
+        reasons.append("with other settings (" + ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items()) + ")")
+    return " and ".join(reasons)
 
 
 def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings: EmbedSettings,
-                 rank: int = 0, world: int = 1,
-                 on_chunk: Optional[Callable[[str], None]] = None) -> dict[str, int]:
-    """Embed this rank's shards into `index_dir/chunks`; returns counts (items, skips…)."""
+                 rank: int = 0, world: int = 1, on_chunk: Optional[Callable[[str], None]] = None,
+                 append: bool = False) -> dict[str, int]:
+    """Embed this rank's shards into `index_dir/chunks`; returns counts (items, skips…).
+    `shards` is the whole list (every rank passes the same); `append` adds shards to an
+    existing build instead of refusing a different list."""
+    from vlp.model import model_dir_fingerprint  # loaded with the encoder's model
+
     index_dir = Path(index_dir)
+    refuse_foreign(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     if settings.filip_tokens != 0 and not encoder.model.has_filip:
         log.warning("the model has no FILIP heads (loss.filip: 0): storing no image tokens")
         settings.filip_tokens = 0
-    settings.check_against(index_dir)
+    settings.model_hash = model_dir_fingerprint(encoder.model_dir)
+    settings.shards = [os.path.abspath(s) for s in shards]
+    settings.check_against(index_dir, append)
     removed = store.clean_partial(index_dir)
     if removed:
         log.info("removed %d files of unfinished chunks", removed)
@@ -70,7 +114,7 @@ def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings:
     mine = shards[rank::world]
     skips = SkipCounter()
     counts = {"embedded": 0, "resumed_chunks": 0, "chunks": 0}
-    bar = tqdm(desc=f"embed rank {rank}", unit="img", dynamic_ncols=True, total=_known_size(mine))
+    bar = tqdm(desc=f"embed rank {rank}", unit="img", dynamic_ncols=True, total=known_sample_count(mine))
     for name, samples in _chunks(mine, settings.chunk_size, skips):
         if name in done:
             counts["resumed_chunks"] += 1
@@ -83,14 +127,6 @@ def embed_shards(encoder: Encoder, shards: list[str], index_dir: Path, settings:
     bar.close()
     counts.update({f"skipped_{k}": v for k, v in skips.total.items()})
     return counts
-
-
-def _known_size(shards: list[str]) -> Optional[int]:
-    """Samples in `shards` from their sizes.json, for the progress bar; None if unknown."""
-    try:
-        return count_samples(shards, None, "shards")
-    except (ConfigError, ValueError, OSError):
-        return None
 
 
 def _chunks(shards: list[str], size: int, skips: SkipCounter) -> Iterator[tuple[str, list[RawSample]]]:
@@ -113,8 +149,9 @@ def _embed_chunk(encoder: Encoder, index_dir: Path, name: str, samples: list[Raw
         tensors = encoder.decode_many([s.image_bytes for s in batch])
         kept = []
         for sample, tensor in zip(batch, tensors):
-            if tensor is None:
-                skips.record("bad_image", f"{sample.shard}:{sample.key}")
+            if isinstance(tensor, ValueError):
+                reason = "image_too_large" if isinstance(tensor, ImageTooLarge) else "bad_image"
+                skips.record(reason, f"{sample.shard}:{sample.key}: {tensor}")
             else:
                 kept.append((sample, tensor))
         if not kept:

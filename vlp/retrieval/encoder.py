@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vlp.data.images import decode_image, eval_transform
+from vlp.data.images import ImageTooLarge, decode_image, eval_transform
 from vlp.data.text import tokenize
 
 
@@ -34,21 +34,26 @@ class Encoder:
             torch.set_num_threads(threads)
 
     # ----------------------------------------------------------------- inputs
-    def decode(self, image_bytes: bytes) -> torch.Tensor:
-        """Bytes → normalized [3, S, S]; raises ValueError on undecodable bytes."""
+    def decode(self, image_bytes: bytes, max_pixels: Optional[int] = None) -> torch.Tensor:
+        """Bytes → normalized [3, S, S]. Raises ImageTooLarge over the pixel budget
+        (`max_pixels`, default the model config's `data.max_image_pixels`), checked before
+        decoding, and ValueError on undecodable bytes."""
+        budget = self.cfg.data.max_image_pixels if max_pixels is None else max_pixels
         try:
-            img = decode_image(image_bytes, self.cfg.data.image_size)
+            img = decode_image(image_bytes, self.cfg.data.image_size, budget)
+        except ImageTooLarge:
+            raise
         except Exception as err:  # PIL raises many types for bad bytes
             raise ValueError(f"cannot decode image: {err}") from err
         return self.transform(img)
 
-    def decode_many(self, images: list[bytes]) -> list[Optional[torch.Tensor]]:
-        """Decode in two threads (PIL releases the GIL); None where the bytes are bad."""
-        def safe(data: bytes) -> Optional[torch.Tensor]:
+    def decode_many(self, images: list[bytes]) -> list[torch.Tensor | ValueError]:
+        """Decode in two threads (PIL releases the GIL); the error in place of bad bytes."""
+        def safe(data: bytes) -> torch.Tensor | ValueError:
             try:
                 return self.decode(data)
-            except ValueError:
-                return None
+            except ValueError as err:
+                return err
         return list(self._decoder.map(safe, images))
 
     def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -112,7 +112,7 @@ def _rerank(searcher: Searcher, name: str, texts: list[str], t2i_rows: np.ndarra
         states = []
         for start in tqdm(range(0, len(searcher.items), batch_size), desc="image states", leave=False):
             rows = range(start, min(start + batch_size, len(searcher.items)))
-            states.append(enc.image_states(torch.stack([enc.decode(searcher.image_bytes(r)) for r in rows])))
+            states.append(enc.image_states(torch.stack([searcher.stored_image(r) for r in rows])))
         image_side = torch.cat(states)
         # Each text meets ~`candidates` images in each direction: its text-only layers run
         # once here, and only the fusion layers run per pair.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,12 @@ DEFAULT_RERANK_CANDIDATES = 32
 
 class QueryError(ValueError):
     """A query the searcher cannot answer (wrong dims, rerank without the needed data)."""
+
+
+class StoreError(RuntimeError):
+    """The index's own data cannot be read (a shard missing, cut short or corrupt): a fault
+    of the server's store, not of the query. The message names the shard relative to the
+    shard folder, never the server's absolute paths."""
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Searcher:
         self.items = ItemStore(self.dir)
         self._encoder = encoder
         self.rerank_candidates = rerank_candidates
+        self.shard_ends = self.items.shard_ends()
+        self.shard_root = os.path.commonpath([os.path.dirname(s) for s in self.shard_ends]) if self.shard_ends else ""
 
     @property
     def encoder(self) -> Encoder:
@@ -92,7 +101,8 @@ class Searcher:
 
     # ----------------------------------------------------------------- queries
     def search_embedding(self, embedding: np.ndarray, k: int) -> list[Hit]:
-        vec = normalize(np.asarray(embedding, dtype=np.float32).reshape(1, -1))
+        # Normalized in float64: a client's huge-but-finite numbers must not overflow float32.
+        vec = normalize(np.asarray(embedding, dtype=np.float64).reshape(1, -1)).astype(np.float32)
         scores, ids = self.search_vectors(vec, k)
         return self.hits(scores[0], ids[0])
 
@@ -152,14 +162,54 @@ class Searcher:
         return self.encoder.filip_image_to_image(query_tokens, tokens).numpy()
 
     def itm_scores(self, rows: np.ndarray, text: str) -> np.ndarray:
-        images = torch.stack([self.encoder.decode(self.image_bytes(int(r))) for r in rows])
+        images = torch.stack([self.stored_image(int(r)) for r in rows])
         states = self.encoder.image_states(images)
         return self.encoder.itm([text] * len(rows), states).numpy()
 
     # ----------------------------------------------------------------- items
     def image_bytes(self, row: int) -> bytes:
-        item = self.items.table.slice(row, 1).select(["shard", "image_offset", "image_size"]).to_pylist()[0]
-        return read_member(item["shard"], item["image_offset"], item["image_size"])
+        item = self.items.table.slice(row, 1).select(["shard", "key", "image_offset", "image_size"]).to_pylist()[0]
+        try:
+            return read_member(item["shard"], item["image_offset"], item["image_size"])
+        except OSError as err:
+            problem = self.shard_problem(item["shard"]) or type(err).__name__
+            log.error("image of %s unreadable from %s: %s", item["key"], item["shard"], err)
+            raise StoreError(f"shard '{self.shard_name(item['shard'])}' is unreadable ({problem}); "
+                             f"item {item['key']} cannot be read") from None
+
+    def stored_image(self, row: int) -> torch.Tensor:
+        """An indexed image, decoded like a query image; StoreError when it cannot be."""
+        data = self.image_bytes(row)
+        try:
+            return self.encoder.decode(data)
+        except ValueError as err:
+            raise StoreError(f"item {self.items.keys[row]} in shard "
+                             f"'{self.shard_name(self.items.item(row)['shard'])}' does not decode: {err}") from None
+
+    def shard_name(self, shard: str) -> str:
+        return os.path.relpath(shard, self.shard_root) if self.shard_root else os.path.basename(shard)
+
+    def shard_problem(self, shard: str) -> Optional[str]:
+        """Why a shard cannot serve its items' images, or None."""
+        try:
+            size = os.stat(shard).st_size
+        except FileNotFoundError:
+            return "missing"
+        except OSError as err:
+            return f"not accessible: {err.strerror}"
+        needed = self.shard_ends[shard]
+        return None if size >= needed else f"cut short: {size} bytes, its items need {needed}"
+
+    def unreadable_shards(self) -> dict[str, str]:
+        """{shard name: problem} for each shard the items live in that cannot serve them."""
+        found = {shard: self.shard_problem(shard) for shard in self.shard_ends}
+        return {self.shard_name(shard): problem for shard, problem in found.items() if problem}
+
+    def public_item(self, row: int) -> dict:
+        """An item's metadata with its shard named relative to the shard folder."""
+        record = self.items.item(row)
+        record["shard"] = self.shard_name(record["shard"])
+        return record
 
     def image_mime(self, row: int) -> str:
         member = self.items.item(row)["image_member"]
@@ -167,7 +217,10 @@ class Searcher:
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if not np.all(np.isfinite(x)) or np.any(norms == 0):
+    if not np.all(np.isfinite(x)):
         raise QueryError("embedding must be finite and non-zero")
-    return x / norms
+    scale = np.abs(x).max(axis=1, keepdims=True)  # scaled first, so the norm cannot overflow
+    if np.any(scale == 0):
+        raise QueryError("embedding must be finite and non-zero")
+    x = x / scale
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

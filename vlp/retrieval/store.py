@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from vlp.atomic import atomic_write
@@ -184,6 +185,13 @@ class ItemStore:
         record = self.table.slice(row, 1).to_pylist()[0]
         record["json"] = json.loads(record["json"]) if record["json"] else {}
         return record
+
+    def shard_ends(self) -> dict[str, int]:
+        """{shard path: the byte its items' images end at}: a shard shorter than that is cut."""
+        ends = pa.compute.add(self.table.column("image_offset"), self.table.column("image_size"))
+        grouped = pa.table({"shard": self.table.column("shard"), "end": ends}).group_by("shard").aggregate(
+            [("end", "max")])
+        return dict(zip(grouped.column("shard").to_pylist(), grouped.column("end_max").to_pylist()))
 
     def text_rows_of(self, image_rows: np.ndarray) -> np.ndarray:
         return np.flatnonzero(np.isin(self.text_owner, image_rows))

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from vlp.config import load_config
-from vlp.train.checkpoint import CONFIG_FILE, read_trainer_state
+from vlp.train.checkpoint import (CONFIG_FILE, CheckpointError, nonfinite_parameters, read_trainer_state,
+                                  verify_checksums)
 
 
 def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -38,13 +39,17 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint_model(ckpt: Path):
-    """(model in fp32 with the checkpoint's weights, its config)."""
+    """(model in fp32 with the checkpoint's weights, its config). CheckpointError when the
+    checkpoint's files do not match their checksums or its weights are not finite."""
     from vlp.model import build_model
     from vlp.model.io import upgrade_state
 
     config_path = ckpt / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} missing: {ckpt} is not a vlp training checkpoint")
+    problems = verify_checksums(ckpt)
+    if problems:
+        raise CheckpointError(f"the checkpoint {ckpt} is damaged: {'; '.join(problems[:3])}")
     cfg = load_config(config_path)
     model = build_model(cfg).float()
     state = upgrade_state(fp32_state_dict(ckpt), model)
@@ -58,6 +63,10 @@ def load_checkpoint_model(ckpt: Path):
         for name, param in model.named_parameters():
             if name in state:
                 param.copy_(state[name])
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise CheckpointError(f"the checkpoint {ckpt} holds non-finite weights ({', '.join(bad[:5])}"
+                              f"{' and more' if len(bad) > 5 else ''}); export an earlier checkpoint")
     return model.eval(), cfg
 
 

@@ -28,6 +28,7 @@ from vlp.train.launch import World, init_distributed
 from vlp.dtypes import DTYPES
 from vlp.train.precision import choose_precision, resolve_precision
 from vlp.train.progress import Meter, RunLog
+from vlp.train.rundir import prepare_run_dir
 
 
 class StopRequest:
@@ -151,13 +152,14 @@ class Trainer:
             # ZeRO-3 partitions the shared layer's weight: no rank holds it to take ∇_W Lₖ.
             raise ConfigError("loss.weighting=gradnorm does not work with ZeRO-3 (the shared layer's "
                               "weights are partitioned); use train.zero_stage <= 2 or another weighting")
+        prepare_run_dir(Path(cfg.output_dir), cfg.train.resume, cfg.train.overwrite)
         accelerator = get_accelerator()
         on_gpu = accelerator.device_name() != "cpu"
         precision = resolve_precision(cfg.train.precision, on_gpu, accelerator.is_bf16_supported())
         self.world = world = init_distributed(cfg.train.threads)
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.resume_from = checkpoint.find_checkpoint(cfg.train.resume, self.ckpt_dir) if cfg.train.resume else None
+        self.resume_from = checkpoint.find_checkpoint(cfg.train.resume, self.ckpt_dir, world) if cfg.train.resume else None
         self.tokenizer = build_tokenizer(cfg.model.text)
         self.loader = train_loader(cfg.data, self.tokenizer, rank=world.rank, world_size=world.world_size)
         # Same seed everywhere so every rank builds identical initial weights.

@@ -9,6 +9,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from vlp.atomic import atomic_write_text
+
 
 class Meter:
     """Sums over the steps since the last log line: loss terms, step and data-wait time."""
@@ -49,6 +51,10 @@ class RunLog:
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
+        dropped = drop_lines_after(self.path, start_step)
+        if dropped:
+            print(f"{self.path}: dropped {dropped} line(s) past step {start_step}, the steps this run "
+                  f"replays (one line per step and kind stays)", flush=True)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                         dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
         try:
@@ -90,6 +96,28 @@ class RunLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_lines_after(path: Path, step: int) -> int:
+    """Remove the metrics lines of steps after `step`, and lines cut short by a crash,
+    atomically; returns how many. A resumed run replays the steps after its checkpoint and
+    logs them again: without this, readers and plots saw those steps twice."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = record["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:

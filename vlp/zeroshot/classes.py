@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Hashable
 
 from vlp.zeroshot.errors import ZeroShotError
 
@@ -96,3 +97,17 @@ def _reject_duplicates(items: list[str], path: Path, what: str) -> None:
     dupes = sorted(k for k, n in counts.items() if n > 1)
     if dupes:
         raise ZeroShotError(f"{path}: duplicate {what}: {dupes}")
+
+
+def reject_indistinct(classes: ClassList, prompt_key: Callable[[str], Hashable], where: str) -> None:
+    """Display names the model reads as the same text (`apple` and `Apple` under an uncased
+    tokenizer, `café` and `cafe` when it strips accents) get identical prompts and so
+    identical scores: an error naming them. `prompt_key` maps a name to what the model sees."""
+    groups: dict[Hashable, list[str]] = {}
+    for name in classes.names:
+        groups.setdefault(prompt_key(name), []).append(name)
+    clashes = [names for names in groups.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(" = ".join(repr(n) for n in names) for names in clashes[:10])
+        raise ZeroShotError(f"{where}: class names the model's tokenizer cannot tell apart (they would "
+                            f"score identically): {shown}; merge or rename them")

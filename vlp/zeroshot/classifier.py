@@ -203,13 +203,3 @@ def _cached(cache: EmbeddingCache | None, kind: str, prompts, compute):
     if cache is None or prompts is None:
         return compute()
     return cache.get_or_compute(kind, prompts, compute)
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Hash of the weights and config: a retrained model never reuses old embeddings."""
-    digest = hashlib.sha256()
-    for name in ("config.yaml", "model.safetensors"):
-        with open(Path(model_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()

@@ -11,9 +11,8 @@ import torch
 from tqdm import tqdm
 
 from vlp.zeroshot import report
-from vlp.zeroshot.classes import ClassList, load_classes
-from vlp.zeroshot.classifier import (EmbeddingCache, TextEncoder, ZeroShotClassifier,
-                                     model_fingerprint)
+from vlp.zeroshot.classes import ClassList, load_classes, reject_indistinct
+from vlp.zeroshot.classifier import EmbeddingCache, TextEncoder, ZeroShotClassifier
 from vlp.zeroshot.coop import learned_class_embeddings, tune_and_compare
 from vlp.zeroshot.errors import ZeroShotError
 from vlp.zeroshot.sources import ImageSource, open_source, source_batches
@@ -64,11 +63,14 @@ def run(opts: ZeroShotOptions) -> dict:
     templates = load_templates(opts.templates)
     out = Path(opts.out)
     model, cfg, tokenizer = load_model(opts.model)
+    reject_indistinct(classes, lambda name: tuple(tokenizer(name, add_special_tokens=False)["input_ids"]),
+                      opts.classes)
     source = open_source(opts.images, opts.label_field)
-    source.min_side = cfg.data.image_size
+    source.min_side, source.max_pixels = cfg.data.image_size, cfg.data.max_image_pixels
     encoder = TextEncoder(model, tokenizer, cfg.data.max_len, progress=opts.progress)
+    from vlp.model import model_dir_fingerprint  # loaded with the model above
     cache = EmbeddingCache(Path(opts.cache_dir) if opts.cache_dir else out / "cache",
-                           model_fingerprint(Path(opts.model)))
+                           model_dir_fingerprint(opts.model))
     if opts.tune_prompts:
         return tune_and_compare(opts, model, cfg, encoder, classes, templates, source, cache)
     classifier = build_classifier(model, encoder, classes, templates, opts, cache)
@@ -95,7 +97,7 @@ def classify(classifier: ZeroShotClassifier, source: ImageSource, transform,
              classes: ClassList, cfg, batch_size: int, progress: bool = True):
     preds = report.Predictions()
     index = classes.index()
-    bar = tqdm(total=len(source), unit="img", desc=f"zero-shot ({classifier.scoring})",
+    bar = tqdm(total=source.expected_count(), unit="img", desc=f"zero-shot ({classifier.scoring})",
                disable=not progress)
     start = time.perf_counter()
     for keys, labels, images in source_batches(source, transform, batch_size):

@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from vlp.data.images import decode_image
+from vlp.data.images import ImageTooLarge, decode_image
+from vlp.data.sources import known_sample_count
 from vlp.zeroshot.errors import ZeroShotError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,12 @@ class ImageSource:
         self.skipped: Counter[str] = Counter()
         # JPEGs decode at a reduced scale down to this short side (the model's input size).
         self.min_side = 224
+        # Pixel budget per image (the model config's data.max_image_pixels); 0: none.
+        self.max_pixels = 40_000_000
 
-    def __len__(self) -> int | None:  # None when unknown (shards without sizes)
+    def expected_count(self) -> int | None:
+        """Images the source will yield before skips; None when unknown (shards whose
+        count neither sizes.json nor img2dataset's stats give)."""
         return None
 
     def __iter__(self) -> Iterator[tuple[str, str | None, Image.Image]]:
@@ -51,10 +56,12 @@ class ImageSource:
         try:
             # The training decoder, so transparency is flattened the same way.
             return decode_image(data.read_bytes() if isinstance(data, Path) else data,
-                                self.min_side)
+                                self.min_side, self.max_pixels)
+        except ImageTooLarge as err:
+            self.skip("image too large", key, err)
         except Exception as err:  # PIL raises many types for bad files
             self.skip("unreadable image", key, err)
-            return None
+        return None
 
 
 class FileListSource(ImageSource):
@@ -66,7 +73,7 @@ class FileListSource(ImageSource):
         self.kind = kind
         self.labelled = kind == "imagefolder"
 
-    def __len__(self) -> int:
+    def expected_count(self) -> int:
         return len(self.items)
 
     def __iter__(self):
@@ -85,9 +92,9 @@ class ShardSource(ImageSource):
         self.urls = urls
         self.label_field = label_field
         self.labelled = label_field is not None
-        self.size = _shard_sizes(urls)
+        self.size = known_sample_count(urls)
 
-    def __len__(self) -> int | None:
+    def expected_count(self) -> int | None:
         return self.size
 
     def __iter__(self):
@@ -193,18 +200,6 @@ def _expand_shards(spec: str) -> list[str]:
     if missing or not urls:
         raise ZeroShotError(f"shards not found: {missing[:5] or spec}")
     return urls
-
-
-def _shard_sizes(urls: list[str]) -> int | None:
-    """Total sample count from sizes.json (name -> count) next to the shards, if present."""
-    total = 0
-    for url in urls:
-        sizes_file = Path(url).parent / "sizes.json"
-        try:
-            total += int(json.loads(sizes_file.read_text())[Path(url).name])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return total
 
 
 def source_batches(source: ImageSource, transform, batch_size: int):
