@@ -1,7 +1,6 @@
 """tools/make_shards.py: folder of images → shards → the loader, and the skip report."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
 from collections import Counter
@@ -10,32 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlp.config import DataConfig
-from vlp.data import eval_loader
+from shard_sets import load_tool, read_split
 from vlp.data.writer import ShardWriter
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
-make_shards = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_shards)
+make_shards = load_tool("make_shards")
 
 
 def image(path: Path, color=(0, 120, 240), fmt=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (30, 20), color).save(path, fmt)
-
-
-def read_all(out: Path, split: str) -> dict[str, dict]:
-    """key → {"captions": [...], "meta": {...}} through the real eval loader."""
-    sizes = json.loads((out / "sizes.json").read_text())
-    n = len([name for name in sizes if name.startswith(split)])
-    cfg = DataConfig(val=str(out / f"{split}-{{000000..{n - 1:06d}}}.tar"), workers=0, eval_batch_size=5)
-    rows = {}
-    for batch in eval_loader(cfg, None):
-        for i, key in enumerate(batch["key"]):
-            caps = [t for t, j in zip(batch["text"], batch["text_image_index"]) if j == i]
-            rows[key] = {"captions": caps, "meta": batch["meta"][i]}
-    return rows
 
 
 def test_round_trip_from_captions_jsonl(tmp_path):
@@ -51,18 +33,18 @@ def test_round_trip_from_captions_jsonl(tmp_path):
     sizes = json.loads((out / "sizes.json").read_text())
     assert sizes == {"train-000000.tar": 5, "train-000001.tar": 5, "train-000002.tar": 5,
                      "train-000003.tar": 3, "val-000000.tar": 5}
-    rows = {**read_all(out, "train"), **read_all(out, "val")}
+    rows = {**read_split(out, "train"), **read_split(out, "val")}
     assert len(rows) == 23
     by_image = {r["meta"]["image"]: r for r in rows.values()}
     assert by_image["photos/p3.jpg"]["captions"] == ["photo 3"]
     assert by_image["photos/p4.jpg"]["captions"] == ["photo 4", "second caption 4"]
     assert all(r["meta"]["source"] == "cam" for r in rows.values())
     # Same seed → same split; another seed → another split.
-    val_images = {r["meta"]["image"] for r in read_all(out, "val").values()}
+    val_images = {r["meta"]["image"] for r in read_split(out, "val").values()}
     make_shards.main([str(src), str(tmp_path / "again"), "--maxcount", "5", "--val-fraction", "0.2", "--seed", "3"])
-    assert {r["meta"]["image"] for r in read_all(tmp_path / "again", "val").values()} == val_images
+    assert {r["meta"]["image"] for r in read_split(tmp_path / "again", "val").values()} == val_images
     make_shards.main([str(src), str(tmp_path / "other"), "--maxcount", "5", "--val-fraction", "0.2", "--seed", "4"])
-    assert {r["meta"]["image"] for r in read_all(tmp_path / "other", "val").values()} != val_images
+    assert {r["meta"]["image"] for r in read_split(tmp_path / "other", "val").values()} != val_images
 
 
 def test_csv_and_sidecar_captions(tmp_path):
@@ -72,7 +54,7 @@ def test_csv_and_sidecar_captions(tmp_path):
     (csv_src / "captions.csv").write_text(
         'image,caption,license\n0.png,"a, quoted caption",cc0\n0.png,another,cc0\n1.png,one,cc-by\n2.png,two,cc0\n')
     make_shards.main([str(csv_src), str(tmp_path / "o1"), "--val-fraction", "0"])
-    rows = {r["meta"]["image"]: r for r in read_all(tmp_path / "o1", "train").values()}
+    rows = {r["meta"]["image"]: r for r in read_split(tmp_path / "o1", "train").values()}
     assert rows["0.png"]["captions"] == ["a, quoted caption", "another"]
     assert rows["1.png"]["meta"]["license"] == "cc-by"
 
@@ -80,7 +62,7 @@ def test_csv_and_sidecar_captions(tmp_path):
     image(side / "cat.jpg")
     (side / "cat.txt").write_text("a cat\n")
     make_shards.main([str(side), str(tmp_path / "o2"), "--val-fraction", "0"])
-    assert [r["captions"] for r in read_all(tmp_path / "o2", "train").values()] == [["a cat"]]
+    assert [r["captions"] for r in read_split(tmp_path / "o2", "train").values()] == [["a cat"]]
 
 
 def test_skips_are_reported_with_reasons(tmp_path, capsys):
