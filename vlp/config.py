@@ -165,6 +165,11 @@ class EvalConfig:
     # ITM reranks the ITC top-k (ALBEF/BLIP protocol).
     itm_rerank_k: int = 16
     batch_size: int = 128
+    # Caption metrics (BLEU, ROUGE-L, CIDEr-D of greedy and beam captions against all of an
+    # image's captions) on the first N val images, for a model with a decoder; 0: none.
+    caption_samples: int = 256
+    # METEOR as well: a Java process that loads a 60 MB paraphrase table (~40 s on 2 cores).
+    caption_meteor: bool = False
 
 
 @dataclass
@@ -289,5 +294,7 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError("config key 'model.text.fusion_layers' must be >= 0")
     if not 0.0 < cfg.model.filip_token_fraction <= 1.0:
         raise ConfigError("config key 'model.filip_token_fraction' must be in (0, 1]")
+    if cfg.eval.caption_samples < 0:
+        raise ConfigError("config key 'eval.caption_samples' must be >= 0 (0: no caption metrics)")
     if cfg.data.batch_size < 1:
         raise ConfigError("config key 'data.batch_size' must be >= 1")
