@@ -165,6 +165,9 @@ def test_images_without_a_kept_caption_are_dropped_or_keep_their_best(tmp_path):
     dropped = run(tmp_path / "drop", threshold=1.01, top_m=0, synthetic=0)
     assert dropped["images"] == {"read": 30, "written": 0, "dropped": 30}
     assert samples(tmp_path / "drop" / "part0-000000.tar") == {}
+    listed = [json.loads(line) for line in (tmp_path / "drop/capfilt/part0-000000.tar.dropped.jsonl").open()]
+    assert [d["key"] for d in listed] == [f"00{i:04d}" for i in range(10)]  # the audit keeps them
+    assert all(len(d["capfilt"]) == 2 and not any(c["kept"] for c in d["capfilt"]) for d in listed)
     best = run(tmp_path / "best", threshold=1.01, top_m=0, synthetic=0, empty="best")
     assert best["images"]["written"] == 30 and best["captions"]["original"]["kept"] == 30
 

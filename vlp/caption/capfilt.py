@@ -12,8 +12,11 @@ keeps every field, its `captions` the other kept captions, plus `capfilt`: one e
 candidate, {"text", "source": "original" | "synthetic", "score", "kept"}, so the filter can
 be audited. Texts are deduplicated per image before scoring (originals first).
 
+A dropped image is not in the output shards; its key and candidates are listed in
+`capfilt/NAME.dropped.jsonl`, so the audit covers every image.
+
 Work is split by shard (`shards[rank::world]`). A shard is done when its output tar and its
-stats file `capfilt/NAME.json` exist (both written atomically, the stats last), so a
+stats file `capfilt/NAME.json` exist (all written atomically, the stats last), so a
 restarted run redoes only unfinished shards; nucleus sampling is seeded per shard, so the
 output does not depend on the split or on restarts. Whoever finishes the last shard writes
 the summary (vlp/caption/capfilt_stats.py).
@@ -114,8 +117,9 @@ class CapFilt:
         bar = tqdm(desc=f"capfilt rank {rank}", unit="img", dynamic_ncols=True,
                    total=capfilt_stats.known_size([src for src, _ in todo]))
         for src, name in todo:
-            stats = capfilt_stats.new_stats(self.settings.score)
-            write_shard(out_dir / name, self._filtered(src, name, stats, bar))
+            stats, dropped = capfilt_stats.new_stats(self.settings.score), []
+            write_shard(out_dir / name, self._filtered(src, name, stats, dropped, bar))
+            capfilt_stats.save_dropped(out_dir, name, dropped)
             capfilt_stats.save_shard_stats(out_dir, name, stats)
         bar.close()
         done = capfilt_stats.merge_if_complete(out_dir, names, {**asdict(self.settings), "model": model_name})
@@ -124,7 +128,8 @@ class CapFilt:
         return {"rank": rank, "shards_done_by_this_rank": len(todo),
                 "waiting_for": sum(not capfilt_stats.shard_done(out_dir, n) for n in names)}
 
-    def _filtered(self, src: str, name: str, stats: dict, bar: tqdm) -> Iterator[dict]:
+    def _filtered(self, src: str, name: str, stats: dict, dropped: list[dict], bar: tqdm) -> Iterator[dict]:
+        """The shard's output samples; images left without a caption go to `dropped`."""
         generator = torch.Generator(self.device).manual_seed(_shard_seed(self.settings.seed, name))
         skips = SkipCounter()
         for batch in self._batches(src, skips):
@@ -133,6 +138,8 @@ class CapFilt:
                 capfilt_stats.count(stats, chosen)
                 if any(c["kept"] for c in chosen):
                     yield _output_sample(sample, chosen)
+                else:
+                    dropped.append({"key": sample.key, "capfilt": chosen})
             bar.update(len(batch))
             bar.set_postfix(images_kept=stats["images"]["written"], dropped=stats["images"]["dropped"])
         stats["skipped"] = dict(skips.total)

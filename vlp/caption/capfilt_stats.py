@@ -2,6 +2,7 @@
 settings a directory was made with, and the summary written once every shard is done.
 
     OUT/capfilt/settings.json   the settings (and model) of every shard in OUT
+    OUT/capfilt/NAME.dropped.jsonl  the shard's images left without a caption, with candidates
     OUT/capfilt/NAME.json       one shard's counts; its presence marks the shard done
     OUT/capfilt.json            the summary: images and captions kept/dropped by kind, skips
     OUT/capfilt_scores.png      score histograms (original / synthetic, kept / removed)
@@ -14,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from vlp.atomic import atomic_write, atomic_write_json
+from vlp.atomic import atomic_write, atomic_write_json, atomic_write_text
 from vlp.config import ConfigError
 from vlp.data.sources import count_samples
 from vlp.data.writer import write_sizes
@@ -83,6 +84,12 @@ def count(stats: dict, candidates: list[dict]) -> None:
         stats["histogram"][c["source"]]["kept" if c["kept"] else "removed"][slot] += 1
     stats["images"]["read"] += 1
     stats["images"]["written" if kept_any else "dropped"] += 1
+
+
+def save_dropped(out_dir: Path, name: str, dropped: list[dict]) -> None:
+    """The images of shard `name` left without a caption: {"key", "capfilt"} a line."""
+    atomic_write_text(out_dir / "capfilt" / f"{name}.dropped.jsonl",
+                      "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in dropped))
 
 
 def save_shard_stats(out_dir: Path, name: str, stats: dict) -> None:
