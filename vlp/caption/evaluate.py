@@ -6,6 +6,7 @@ captions (the .txt and the json `captions`).
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 import torch
@@ -44,6 +45,20 @@ class CaptionSamples:
         return len(self.keys)
 
 
+# BERT's tokenizer splits off every punctuation character, so decoding puts spaces around
+# them: "medium - light", "man ' s", "3. 5", "( yes )". The words the captions were written
+# with had none; scoring "medium - light" against "medium-light" would count a miss.
+_DETOKENIZE = [(re.compile(r"(?<=\w) ([-'\u2019/]) (?=\w)"), r"\1"), (re.compile(r"(?<=\d)\. (?=\d)"), "."),
+               (re.compile(r" ([:;])"), r"\1"), (re.compile(r"([(\[]) "), r"\1"), (re.compile(r" ([)\]])"), r"\1")]
+
+
+def detokenize(text: str) -> str:
+    """Undo the spaces BERT decoding puts around in-word punctuation (see above)."""
+    for pattern, replacement in _DETOKENIZE:
+        text = pattern.sub(replacement, text)
+    return text.strip()
+
+
 def references_of(batch: dict) -> list[list[str]]:
     """Each image's captions in an eval batch (they come flattened, with their image's index)."""
     references: list[list[str]] = [[] for _ in batch["key"]]
@@ -61,7 +76,7 @@ def generate_captions(model, images: torch.Tensor, options: dict, batch_size: in
         if dtype is not None and chunk.is_floating_point():
             chunk = chunk.to(dtype)
         captions += model.generate(chunk, **options)
-    return [c.strip() for c in captions]
+    return [detokenize(c) for c in captions]
 
 
 def caption_eval(model, samples: CaptionSamples, batch_size: int, device: str | torch.device = "cpu",
