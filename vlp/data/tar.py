@@ -26,6 +26,34 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
+def tar_samples(stream: BinaryIO) -> Iterator[tuple[str, list[tuple[str, int, bytes]]]]:
+    """(key, its members as `tar_entries` gives them) per sample: members sharing a key (the
+    name up to the first dot of its last path part, img2dataset's `key.jpg`, `key.txt`) are
+    adjacent in a shard. A `BrokenTar` propagates without the sample it cut into, so a caller
+    that counts the broken tar never sees a sample with members missing."""
+    key, group = None, []
+    for entry in tar_entries(stream):
+        member_key = sample_key(entry[0])
+        if group and member_key != key:
+            yield key, group
+            group = []
+        key = member_key
+        group.append(entry)
+    if group:
+        yield key, group
+
+
+def sample_key(name: str) -> str:
+    directory, _, base = name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{directory}/{stem}" if directory else stem
+
+
+def member_extension(name: str) -> str:
+    base = name.rpartition("/")[2]
+    return base.split(".", 1)[1].lower() if "." in base else ""
+
+
 def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
     """(file name, byte offset of the contents in the archive, contents) of each regular
     file; the offset lets a reader fetch one member later with a seek (the index serves

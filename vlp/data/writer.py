@@ -10,8 +10,9 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Iterable
 
-from vlp.atomic import atomic_write_json
+from vlp.atomic import atomic_write, atomic_write_json
 
 
 def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
@@ -43,12 +44,7 @@ class ShardWriter:
         if self._tar is None or self._count >= self.maxcount:
             self._finish()
             self._open()
-        key = sample["__key__"]
-        for ext in sorted(k for k in sample if not k.startswith("__")):
-            data = _encode(sample[ext])
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            self._tar.addfile(info, io.BytesIO(data))
+        _add_sample(self._tar, sample)
         self._count += 1
 
     def close(self) -> dict[str, int]:
@@ -82,6 +78,32 @@ class ShardWriter:
         os.replace(self._tmp, self.out_dir / name)
         self.sizes[name] = self._count
         self._tar = None
+
+
+def write_shard(path: str | Path, samples: Iterable[dict]) -> int:
+    """All of `samples` as one shard at `path` (members as `ShardWriter` writes them),
+    renamed into place only when complete; returns the sample count. For a tool that maps
+    each input shard to one output shard of the same name (resumable shard by shard)."""
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                _add_sample(tar, sample)
+                count += 1
+
+    atomic_write(path, write)
+    return count
+
+
+def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    key = sample["__key__"]
+    for ext in sorted(k for k in sample if not k.startswith("__")):
+        data = _encode(sample[ext])
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _encode(value) -> bytes:

@@ -1,5 +1,9 @@
 """Captioning decoder (BLIP): causal text layers with cross-attention to image tokens,
-`[DEC]` as bos, and an LM head tied to the word embeddings."""
+`[DEC]` as bos, and an LM head tied to the word embeddings.
+
+Generation steps one token at a time through a key/value cache (`start_cache`, `step`):
+each step projects only the new token, where a full forward recomputes the whole prefix
+and re-projects the image tokens in every cross-attention layer."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+from transformers.models.bert.modeling_bert import BertAttention, BertPredictionHeadTransform
 
 from vlp.model.text import TextTower, causal_mask, init_like_bert, run_layers
 
@@ -41,3 +45,74 @@ class CaptionDecoder(nn.Module):
         hidden = self.embeddings(input_ids=input_ids)
         return run_layers(self.layers, hidden, causal_mask(attention_mask),
                           image_states.to(hidden.dtype), self.grad_checkpointing)
+
+    # ------------------------------------------------------------------ cached generation
+    def start_cache(self, image_states: torch.Tensor, max_length: int) -> "DecoderCache":
+        """An empty cache for up to `max_length` tokens per row ([DEC] included)."""
+        return DecoderCache(self, image_states, max_length)
+
+    def step(self, tokens: torch.Tensor, cache: "DecoderCache") -> torch.Tensor:
+        """Logits `[B, V]` of the next token after `tokens` `[B]`, the newest token of each row;
+        the rows' earlier tokens are in `cache`, which this step extends. The first step's token
+        is [DEC] (as `hidden` puts at position 0). Equal to `forward`'s last position over the
+        whole prefix with an all-ones mask, the way generation calls it."""
+        hidden = self.embeddings(input_ids=tokens[:, None], past_key_values_length=cache.length)
+        for index, layer in enumerate(self.layers):
+            own = layer.attention.self
+            keys, values = cache.append(index, _split_heads(own.key(hidden), own),
+                                        _split_heads(own.value(hidden), own))
+            hidden = _attend(layer.attention, hidden, keys, values)
+            if layer.crossattention is not None:
+                hidden = _attend(layer.crossattention, hidden, *cache.cross[index])
+            hidden = layer.output(layer.intermediate(hidden), hidden)
+        cache.length += 1
+        return self.logits(hidden[:, 0])
+
+
+class DecoderCache:
+    """Per decoder layer: the self-attention keys/values of the tokens so far (preallocated
+    to `max_length`), and the cross-attention keys/values of the image tokens, projected once."""
+
+    def __init__(self, decoder: CaptionDecoder, image_states: torch.Tensor, max_length: int):
+        first = decoder.layers[0].attention.self
+        batch, heads, size = image_states.shape[0], first.num_attention_heads, first.attention_head_size
+        dtype = decoder.embeddings.word_embeddings.weight.dtype
+        image_states = image_states.to(dtype)
+        self.keys = image_states.new_zeros(len(decoder.layers), batch, heads, max_length, size)
+        self.values = torch.zeros_like(self.keys)
+        self.cross = [None if layer.crossattention is None else
+                      (_split_heads(layer.crossattention.self.key(image_states), layer.crossattention.self),
+                       _split_heads(layer.crossattention.self.value(image_states), layer.crossattention.self))
+                      for layer in decoder.layers]
+        self.length = 0
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        """Store the new position's keys/values `[B, heads, 1, size]`; returns all so far."""
+        end = self.length + 1
+        if end > self.keys.shape[3]:
+            raise ValueError(f"decoder cache is full ({self.keys.shape[3]} positions)")
+        self.keys[layer, :, :, self.length:end] = keys
+        self.values[layer, :, :, self.length:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: row i continues the sequence of row `rows[i]`. Cross keys/values are
+        left alone: a beam only ever takes over a beam of the same image."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+
+
+def _split_heads(x: torch.Tensor, attention) -> torch.Tensor:
+    """[B, T, heads·size] -> [B, heads, T, size]."""
+    return x.view(x.shape[0], x.shape[1], attention.num_attention_heads,
+                  attention.attention_head_size).transpose(1, 2)
+
+
+def _attend(attention: BertAttention, hidden: torch.Tensor, keys: torch.Tensor,
+            values: torch.Tensor) -> torch.Tensor:
+    """BertAttention's forward for queries from `hidden` over given keys/values: no mask,
+    because a new token may attend to every cached position and every image token."""
+    own = attention.self
+    context = F.scaled_dot_product_attention(_split_heads(own.query(hidden), own), keys, values,
+                                             scale=own.scaling)
+    return attention.output(context.transpose(1, 2).reshape(hidden.shape), hidden)

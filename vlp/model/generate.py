@@ -1,7 +1,9 @@
 """Caption generation over a CaptionDecoder: greedy, beam search, nucleus sampling.
 
 Batched; every sequence starts with [DEC] and stops at [SEP] (later positions are pad).
-No KV cache: captions are short, and recomputing the prefix keeps this loop small.
+Each step feeds only the newest token through the decoder's key/value cache; `cache=False`
+runs the whole prefix again at every step instead (the reference the cache is tested and
+timed against: tools/bench_caption.py).
 """
 from __future__ import annotations
 
@@ -10,12 +12,26 @@ import torch
 from vlp.model.decoder import CaptionDecoder
 
 
-def _next_logprobs(decoder: CaptionDecoder, tokens: torch.Tensor, image_states: torch.Tensor,
-                    pad_id: int) -> torch.Tensor:
-    logits = decoder(tokens, torch.ones_like(tokens), image_states)[:, -1].float()
-    logits[:, decoder.dec_token_id] = float("-inf")  # never emit the bos again
-    logits[:, pad_id] = float("-inf")  # pad only ever follows [SEP]
-    return logits.log_softmax(-1)
+class _NextToken:
+    """Log-probs of each row's next token, given its tokens so far `[B, t]`."""
+
+    def __init__(self, decoder: CaptionDecoder, image_states: torch.Tensor, pad_id: int,
+                 max_new_tokens: int, cache: bool):
+        self.decoder, self.image_states, self.pad_id = decoder, image_states, pad_id
+        self.cache = decoder.start_cache(image_states, max_new_tokens + 1) if cache else None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            logits = self.decoder.step(tokens[:, -1], self.cache).float()
+        else:
+            logits = self.decoder(tokens, torch.ones_like(tokens), self.image_states)[:, -1].float()
+        logits[:, self.decoder.dec_token_id] = float("-inf")  # never emit the bos again
+        logits[:, self.pad_id] = float("-inf")  # pad only ever follows [SEP]
+        return logits.log_softmax(-1)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(rows)
 
 
 def _finish(tokens: torch.Tensor, sep_id: int, pad_id: int) -> torch.Tensor:
@@ -31,7 +47,7 @@ def _finish(tokens: torch.Tensor, sep_id: int, pad_id: int) -> torch.Tensor:
 def generate_ids(decoder: CaptionDecoder, image_states: torch.Tensor, sep_id: int, pad_id: int,
                  method: str = "beam", max_new_tokens: int = 20, num_beams: int = 3,
                  top_p: float = 0.9, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cache: bool = True) -> torch.Tensor:
     """Token ids `[B, T]`, T ≤ max_new_tokens, ending in [SEP] then pad (no bos)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -39,14 +55,15 @@ def generate_ids(decoder: CaptionDecoder, image_states: torch.Tensor, sep_id: in
         raise ValueError(f"need num_beams >= 1, 0 < top_p <= 1, temperature > 0; got "
                          f"{num_beams}, {top_p}, {temperature}")
     if method == "beam":
-        return _beam(decoder, image_states, sep_id, pad_id, max_new_tokens, num_beams)
+        return _beam(decoder, image_states, sep_id, pad_id, max_new_tokens, num_beams, cache)
     if method not in ("greedy", "nucleus"):
         raise ValueError(f"generation method must be greedy, beam or nucleus, got {method!r}")
     batch = image_states.shape[0]
     tokens = torch.full((batch, 1), decoder.dec_token_id, dtype=torch.long, device=image_states.device)
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    next_token = _NextToken(decoder, image_states, pad_id, max_new_tokens, cache)
     for _ in range(max_new_tokens):
-        logprobs = _next_logprobs(decoder, tokens, image_states, pad_id)
+        logprobs = next_token(tokens)
         if method == "greedy":
             nxt = logprobs.argmax(-1)
         else:
@@ -61,7 +78,14 @@ def generate_ids(decoder: CaptionDecoder, image_states: torch.Tensor, sep_id: in
 
 def _sample_nucleus(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
     probs = logits.softmax(-1)
-    sorted_probs, order = probs.sort(-1, descending=True)
+    # The nucleus lies among the most likely tokens: sort only the top k, growing k until
+    # they hold top_p of the mass in every row (a trained decoder needs a few dozen; sorting
+    # the whole vocabulary at every step cost more than the decoder step itself).
+    k = min(64, probs.shape[1])
+    sorted_probs, order = probs.topk(k, dim=-1)
+    while k < probs.shape[1] and (sorted_probs.sum(-1) < top_p).any():
+        k = min(4 * k, probs.shape[1])
+        sorted_probs, order = probs.topk(k, dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
@@ -69,7 +93,7 @@ def _sample_nucleus(logits: torch.Tensor, top_p: float, generator) -> torch.Tens
     return order.gather(1, choice)[:, 0]
 
 
-def _beam(decoder, image_states, sep_id, pad_id, max_new_tokens, num_beams) -> torch.Tensor:
+def _beam(decoder, image_states, sep_id, pad_id, max_new_tokens, num_beams, cache) -> torch.Tensor:
     batch, device = image_states.shape[0], image_states.device
     states = image_states.repeat_interleave(num_beams, 0)
     tokens = torch.full((batch * num_beams, 1), decoder.dec_token_id, dtype=torch.long, device=device)
@@ -78,8 +102,9 @@ def _beam(decoder, image_states, sep_id, pad_id, max_new_tokens, num_beams) -> t
     scores[:, 0] = 0.0
     done = torch.zeros(batch * num_beams, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * num_beams, device=device)
+    next_token = _NextToken(decoder, states, pad_id, max_new_tokens, cache)
     for _ in range(max_new_tokens):
-        logprobs = _next_logprobs(decoder, tokens, states, pad_id)
+        logprobs = next_token(tokens)
         # A finished beam may only continue with pad, at no cost, so it keeps its score.
         frozen = torch.full_like(logprobs, float("-inf"))
         frozen[:, pad_id] = 0.0
@@ -90,6 +115,7 @@ def _beam(decoder, image_states, sep_id, pad_id, max_new_tokens, num_beams) -> t
         source = (flat // vocab + torch.arange(batch, device=device)[:, None] * num_beams).reshape(-1)
         nxt = (flat % vocab).reshape(-1)
         tokens = torch.cat([tokens[source], nxt[:, None]], 1)
+        next_token.reorder(source)
         lengths = lengths[source] + (~done[source]).float()
         done = done[source] | (nxt == sep_id)
         if done.all():

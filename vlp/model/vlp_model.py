@@ -217,9 +217,11 @@ class VLPModel(nn.Module):
         fused = self.text.fuse(text_states, attention_mask, image_states)
         return self.itm_head(fused[:, 0]).float().softmax(-1)[:, 1]
 
-    def generate_ids(self, images: torch.Tensor, method: str = "beam",
-                     max_new_tokens: int | None = None, **options) -> torch.Tensor:
-        """Caption token ids `[B, T]` (no bos; [SEP] then pad at the end)."""
+    def generate_ids(self, images: torch.Tensor | None, method: str = "beam",
+                     max_new_tokens: int | None = None, image_states: torch.Tensor | None = None,
+                     **options) -> torch.Tensor:
+        """Caption token ids `[B, T]` (no bos; [SEP] then pad at the end). Precomputed
+        `image_states` skip the vision tower (several captions per image, then ITM)."""
         if self.decoder is None:
             raise ValueError("this model has no captioning decoder (model.decoder.enabled: false)")
         sep_id, pad_id = self._special_ids()
@@ -227,17 +229,19 @@ class VLPModel(nn.Module):
         self.eval()  # no dropout while decoding, also when called mid-training
         try:
             with torch.no_grad():
-                return generate_ids(self.decoder, self.vision(images), sep_id, pad_id, method,
+                if image_states is None:
+                    image_states = self.vision(images)
+                return generate_ids(self.decoder, image_states, sep_id, pad_id, method,
                                     self.max_new_tokens if max_new_tokens is None else max_new_tokens,
                                     **options)
         finally:
             self.train(was_training)
 
-    def generate(self, images: torch.Tensor, method: str = "beam", max_new_tokens: int | None = None,
+    def generate(self, images: torch.Tensor | None, method: str = "beam", max_new_tokens: int | None = None,
                  tokenizer=None, **options) -> list[str]:
         """Captions for a batch of transformed images. `method`: greedy | beam | nucleus;
         options: num_beams (3), top_p (0.9), temperature (1.0), generator (a torch.Generator
-        for reproducible nucleus sampling)."""
+        for reproducible nucleus sampling), cache (True: the decoder's key/value cache)."""
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise ValueError("generate needs a tokenizer (pass tokenizer= or use generate_ids)")

@@ -1,7 +1,7 @@
 """Read shard samples together with the byte offset of their image inside the tar.
 
 The index serves images straight from the shards (seek + read by offset), so the embedding
-pass reads tars with the data room's `tar_entries`, which also gives each member's offset
+pass reads tars with the data room's `tar_samples`, which also gives each member's offset
 (and, unlike `tarfile`, notices a tar cut between two members).
 Decoding is left to the caller, so skipping a finished chunk on resume costs no decode.
 """
@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 from vlp.data.images import IMAGE_EXTENSIONS
 from vlp.data.loader import parse_sample
 from vlp.data.skips import SkipCounter
-from vlp.data.tar import BrokenTar, tar_entries
+from vlp.data.tar import BrokenTar, member_extension, tar_samples
 
 IMAGE_MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -33,26 +33,15 @@ class RawSample:
 def iter_shard(path: str, skips: SkipCounter) -> Iterator[RawSample]:
     """Samples of one tar in member order; bad members are counted skips, a truncated tar
     yields what precedes the damage and records one `bad_tar` skip."""
-    group: list[tuple[str, int, bytes]] = []
-    key = None
     try:
         with open(path, "rb") as stream:
-            for entry in tar_entries(stream):
-                member_key = _key_of(entry[0])
-                if group and member_key != key:
-                    sample = _assemble(path, key, group, skips)
-                    if sample is not None:
-                        yield sample
-                    group = []
-                key = member_key
-                group.append(entry)
+            for key, members in tar_samples(stream):
+                sample = _assemble(path, key, members, skips)
+                if sample is not None:
+                    yield sample
     except (BrokenTar, OSError) as err:
+        # The sample the damage cut into is not yielded: it goes with the counted bad tar.
         skips.record("bad_tar", f"{path}: {err}")
-        group = []  # the last sample may be cut short: drop it with the counted bad tar
-    if group:
-        sample = _assemble(path, key, group, skips)
-        if sample is not None:
-            yield sample
 
 
 def read_member(shard: str, offset: int, size: int) -> bytes:
@@ -64,20 +53,9 @@ def read_member(shard: str, offset: int, size: int) -> bytes:
     return data
 
 
-def _key_of(name: str) -> str:
-    directory, _, base = name.rpartition("/")
-    stem = base.split(".", 1)[0]
-    return f"{directory}/{stem}" if directory else stem
-
-
-def _ext_of(name: str) -> str:
-    base = name.rpartition("/")[2]
-    return base.split(".", 1)[1].lower() if "." in base else ""
-
-
 def _assemble(path: str, key: str, members: list[tuple[str, int, bytes]],
               skips: SkipCounter) -> Optional[RawSample]:
-    by_ext = {_ext_of(name): (name, offset, data) for name, offset, data in members}
+    by_ext = {member_extension(name): (name, offset, data) for name, offset, data in members}
     # The data room's parser decides what a valid sample is, so the index and training agree.
     raw = {"__key__": key, "__url__": path}
     raw.update({ext: data for ext, (_, _, data) in by_ext.items()})

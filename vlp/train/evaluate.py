@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
+from vlp.caption.evaluate import CaptionSamples, caption_eval
 from vlp.metrics import rerank_score, retrieval_recall
 from vlp.model.scoring import itm_pair_scores
 
@@ -120,11 +121,12 @@ def _pick(i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, owner: torch.Tenso
 @torch.no_grad()
 def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype, rerank_k: int,
              batch_size: int, rank: int = 0, world_size: int = 1, zero3: bool = False,
-             foils=None) -> dict[str, Any]:
+             foils=None, caption_samples: int = 0, caption_meteor: bool = False) -> dict[str, Any]:
     """{"itc": {...}, "itm_rerank": {...}, "filip": {...}, "loss": {...}, "n_images",
     "n_texts"}; recall keys t2i_r1/5/10 and i2t_r1/5/10. `itm_rerank` / `filip` are left
     out for a model without an ITM head / FILIP heads. `foils` (vlp.foils.training_foils)
-    adds the foil report as "foils"."""
+    adds the foil report as "foils". With `caption_samples` and a decoder, rank 0 adds
+    "caption": vlp.caption.evaluate.caption_eval on that many val images."""
     was_training = model.training
     model.eval()
     gather = contextlib.nullcontext()
@@ -132,9 +134,10 @@ def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype,
         import deepspeed
         # Direct calls to encode_* skip the root module's hooks that fetch ZeRO-3 shards.
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    captions = CaptionSamples(caption_samples if model.has_decoder and rank == 0 else 0)
     try:
         with gather:
-            emb = embed_val_set(model, batches, device, dtype, rank, world_size)
+            emb = embed_val_set(model, captions.watch(batches), device, dtype, rank, world_size)
             owner = emb["owner"].cpu()
             itc = (emb["img"] @ emb["txt"].t()).cpu()
             results = {"itc": retrieval_recall(itc, owner)}
@@ -145,6 +148,8 @@ def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype,
                 results["filip"] = _pick(*_filip_matrix(model, emb, batch_size), owner)
             if foils is not None:
                 results["foils"] = foils(model, device, dtype)
+            if len(captions):
+                results["caption"] = caption_eval(model, captions, batch_size, device, dtype, caption_meteor)
     finally:
         model.train(was_training)
     results["loss"] = emb["loss"]
@@ -171,4 +176,12 @@ def format_table(results: dict[str, Any]) -> str:
     if "foils" in results:
         from vlp.foils.report import one_line
         lines.append(one_line(results["foils"]))
+    if "caption" in results:
+        caption = results["caption"]
+        for method in ("greedy", "beam"):
+            scores = caption[method]
+            lines.append(f"caption {method:<6} BLEU-4 {scores['bleu4']:.3f}  CIDEr-D {scores['cider']:.3f}  "
+                         f"ROUGE-L {scores['rougeL']:.3f}"
+                         + (f"  METEOR {scores['meteor']:.3f}" if "meteor" in scores else ""))
+        lines.append(f"({caption['n_images']} images, {caption['tokenizer']} tokenizer)")
     return "\n".join(lines)

@@ -324,7 +324,9 @@ class Trainer:
         results = evaluate(self.engine.module, batches, device=self.world.device, dtype=self.dtype,
                            rerank_k=self.cfg.eval.itm_rerank_k, batch_size=self.cfg.eval.batch_size,
                            rank=self.world.rank, world_size=self.world.world_size,
-                           zero3=self.ds_config["zero_optimization"]["stage"] == 3, foils=self.foils)
+                           zero3=self.ds_config["zero_optimization"]["stage"] == 3, foils=self.foils,
+                           caption_samples=self.cfg.eval.caption_samples,
+                           caption_meteor=self.cfg.eval.caption_meteor)
         results["seconds"] = time.perf_counter() - started
         self.log.record(self.state.step, "eval", results)
         if show:

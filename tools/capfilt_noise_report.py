@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""How well did CapFilt find planted noise? Scores a CapFilt output directory against the
+planted.jsonl that tools/make_noisy_shards.py wrote.
+
+    python tools/capfilt_noise_report.py --planted NOISY/planted.jsonl --filtered FILTERED
+
+Reads every original caption's verdict (the `capfilt` lists of the output shards and of
+capfilt/*.dropped.jsonl) and prints one JSON line: planted (wrong) captions removed /
+total (`wrong_removed`, the filter's recall on the noise), right captions kept / total
+(`right_kept`), the precision of the removals, and the same two rates had the threshold
+been each of `--sweep` instead (from the recorded scores; top-m and the empty-image rule
+are not replayed there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlp.data.tar import member_extension, tar_samples  # noqa: E402
+
+
+def verdicts(filtered: Path) -> list[tuple[str, dict]]:
+    """(key, candidate) for every original caption CapFilt judged."""
+    out = []
+    for shard in sorted(filtered.glob("*.tar")):
+        with open(shard, "rb") as stream:
+            for key, entries in tar_samples(stream):
+                for name, _, data in entries:
+                    if member_extension(name) == "json":
+                        out += [(key, c) for c in json.loads(data)["capfilt"] if c["source"] == "original"]
+    for listing in sorted((filtered / "capfilt").glob("*.dropped.jsonl")):
+        for line in listing.read_text().splitlines():
+            row = json.loads(line)
+            out += [(row["key"], c) for c in row["capfilt"] if c["source"] == "original"]
+    return out
+
+
+def rates(judged: list[tuple[bool, float, bool]]) -> dict:
+    """judged: (planted, score, kept) per original caption."""
+    wrong = [kept for planted, _, kept in judged if planted]
+    right = [kept for planted, _, kept in judged if not planted]
+    removed_wrong, removed_right = sum(not k for k in wrong), sum(not k for k in right)
+    return {"wrong_removed": removed_wrong / max(len(wrong), 1),
+            "right_kept": sum(right) / max(len(right), 1),
+            "removal_precision": removed_wrong / max(removed_wrong + removed_right, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--planted", required=True, type=Path)
+    p.add_argument("--filtered", required=True, type=Path)
+    p.add_argument("--sweep", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    args = p.parse_args(argv)
+    planted = {(row["key"], row["planted"]) for row in map(json.loads, args.planted.read_text().splitlines())}
+    judged = [((key, c["text"]) in planted, c["score"], c["kept"]) for key, c in verdicts(args.filtered)]
+    if not judged:
+        print(f"capfilt_noise_report: no capfilt verdicts under {args.filtered}", file=sys.stderr)
+        return 2
+    found = sum(planted_ for planted_, _, _ in judged)
+    report = {"original_captions": len(judged), "planted": len(planted), "planted_found": found,
+              **rates(judged),
+              "sweep": {str(t): rates([(w, s, s >= t) for w, s, _ in judged]) for t in args.sweep}}
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
