@@ -204,3 +204,15 @@ def test_generation_with_the_cache_equals_generation_without(lively, images, met
     cached = run(True)
     assert torch.equal(cached, run(False))
     assert len({tuple(row) for row in cached.tolist()}) > 1  # the images get different captions
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_captions_stop_where_the_position_table_ends(model, images, method, cache):
+    """A caption longer than the text tower's positions cannot be placed: asking for more
+    (the demo decoder's 20 tokens on a 16-position tower) gives at most positions − 1 (the
+    bos holds position 0) instead of failing in the embeddings mid-eval."""
+    positions = model.decoder.embeddings.position_embeddings.num_embeddings
+    ids = model.generate_ids(images, method=method, max_new_tokens=positions + 5, cache=cache,
+                             generator=torch.Generator().manual_seed(0))
+    assert ids.shape[1] <= positions - 1

@@ -232,10 +232,15 @@ class VLPModel(nn.Module):
                 if image_states is None:
                     image_states = self.vision(images)
                 return generate_ids(self.decoder, image_states, sep_id, pad_id, method,
-                                    self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                                    **options)
+                                    self._caption_length(max_new_tokens), **options)
         finally:
             self.train(was_training)
+
+    def _caption_length(self, max_new_tokens: int | None) -> int:
+        """The requested length, at most what the decoder's position table holds after the
+        bos (a text tower with 16 positions cannot place a 20th token)."""
+        requested = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return min(requested, self.decoder.embeddings.position_embeddings.num_embeddings - 1)
 
     def generate(self, images: torch.Tensor | None, method: str = "beam", max_new_tokens: int | None = None,
                  tokenizer=None, **options) -> list[str]:
