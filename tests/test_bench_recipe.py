@@ -203,3 +203,38 @@ def test_foil_tests_score_both_arms_alike_from_their_embeddings(tmp_path):
     metrics = bench.score({"val_images": images, "captions": images, "foil_images": images, "foil_texts": texts},
                           None, 0, foils)
     assert metrics["foils_itc"] == 0.5 and "zeroshot_simple_top1" not in metrics
+
+
+# --------------------------------------------------------------------------- tools/ablate.py
+
+def _ablate():
+    spec = importlib.util.spec_from_file_location("ablate", ROOT / "tools" / "ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ablation(path: Path, budget: float, seed: int, r1: dict[str, float]) -> Path:
+    runs = [{"dataset": "demo", "variant": v, "seed": seed, "steps": 10, "train_seconds": 60.0,
+             "metrics": {"itc_t2i_r1": value, "seconds_per_step": 6.0}} for v, value in r1.items()]
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(
+        {"command": f"seed {seed}", "budget_minutes": budget, "variants": {v: [] for v in r1},
+         "datasets": {"demo": {}}, "runs": runs}))
+    return path / "results.json"
+
+
+def test_ablations_run_apart_pool_into_one_table(tmp_path):
+    ablate = _ablate()
+    a = _ablation(tmp_path / "a", 4, 0, {"fixed": 0.2, "dwa": 0.3})
+    b = _ablation(tmp_path / "b", 4, 1, {"fixed": 0.4, "dwa": 0.5})
+    merged = ablate.merge([a, b], tmp_path / "all", bench.spread)
+    assert len(merged["runs"]) == 4
+    assert merged["summary"]["demo/fixed"]["itc_t2i_r1"]["mean"] == pytest.approx(0.3)
+    assert merged["summary"]["demo/dwa"]["runs"] == 2
+    assert json.loads((tmp_path / "all/results.json").read_text())["merged_from"] == [str(a), str(b)]
+    assert "| demo | dwa | 0.400 ± 0.141" in (tmp_path / "all/results.md").read_text()
+    assert (tmp_path / "all/results.png").stat().st_size > 0
+    c = _ablation(tmp_path / "c", 3, 2, {"fixed": 0.1})
+    with pytest.raises(SystemExit, match="different budgets"):
+        ablate.merge([a, c], tmp_path / "mixed", bench.spread)

@@ -12,7 +12,10 @@ seeds) and a bar chart per metric.
 
 Runs one after another (put it under `flock /tmp/vlp-heavy.lock` on a shared machine);
 results.json / results.md / results.png are rewritten after every run, so a cut run keeps
-what it measured.
+what it measured. Runs made separately (one seed at a time, or on the same machine another
+day) are pooled into one table and chart with
+
+    python tools/ablate.py --merge runs/ablate/A/results.json runs/ablate/B/results.json --out runs/ablate/all
 """
 from __future__ import annotations
 
@@ -127,6 +130,32 @@ def summarize(runs: list[dict], spread) -> dict:
             for key, ms in groups.items()}
 
 
+def write_results(results: dict, work: Path, spread) -> None:
+    from vlp.atomic import atomic_write_json, atomic_write_text
+
+    results["summary"] = summarize(results["runs"], spread)
+    atomic_write_json(work / "results.json", results)
+    atomic_write_text(work / "results.md", markdown(results))
+    plot(results, work / "results.png")
+
+
+def merge(files: list[Path], out: Path, spread) -> dict:
+    """One results.json from several: their runs pooled; the budgets must agree (a table
+    mixing budgets would compare unlike runs)."""
+    parts = [json.loads(f.read_text()) for f in files]
+    budgets = {part["budget_minutes"] for part in parts}
+    if len(budgets) > 1:
+        raise SystemExit(f"error: cannot merge runs of different budgets {sorted(budgets)} minutes")
+    merged = {**parts[0], "command": [part["command"] for part in parts], "merged_from": [str(f) for f in files],
+              "runs": [run for part in parts for run in part["runs"]]}
+    for part in parts[1:]:
+        merged["variants"].update(part["variants"])
+        merged["datasets"].update(part["datasets"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(merged, out, spread)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-minutes", type=float, default=4.0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=REPO / "runs/ablate")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
+                   help="pool earlier results.json files into --out instead of training")
     args = p.parse_args(argv)
     bench_recipe = load_bench_recipe()
-    from vlp.atomic import atomic_write_json, atomic_write_text
+    if args.merge:
+        print(markdown(merge(args.merge, args.out, bench_recipe.spread)))
+        return 0
     from vlp.config import load_config
     from vlp.zeroshot.classes import load_classes
 
@@ -173,10 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics["seconds_per_step"] = run["train_seconds"] / max(1, run["steps"])
                 results["runs"].append({"dataset": dataset, "variant": name, "seed": seed, "steps": run["steps"],
                                         "train_seconds": run["train_seconds"], "metrics": metrics})
-                results["summary"] = summarize(results["runs"], bench_recipe.spread)
-                atomic_write_json(work / "results.json", results)
-                atomic_write_text(work / "results.md", markdown(results))
-                plot(results, work / "results.png")
+                write_results(results, work, bench_recipe.spread)
                 print(json.dumps(results["runs"][-1]), flush=True)
     print(markdown(results))
     print(f"results: {work}")
