@@ -6,6 +6,7 @@ forward); the results are identical, rank 0 reports them."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -14,6 +15,7 @@ from vlp.caption.evaluate import CaptionSamples, caption_eval
 from vlp.metrics import rerank_score, retrieval_recall
 from vlp.model.scoring import itm_pair_scores
 
+log = logging.getLogger(__name__)
 METHODS = ("itc", "itm_rerank", "filip")
 # Added to reranked candidates so they rank above every non-candidate (cosines <= 1):
 # reranked scores s·cos + log p lie within ±(max_logit_scale + 14).
@@ -134,6 +136,12 @@ def evaluate(model, batches: Iterable[dict], *, device: str, dtype: torch.dtype,
         import deepspeed
         # Direct calls to encode_* skip the root module's hooks that fetch ZeRO-3 shards.
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    if caption_samples and zero3 and model.has_decoder:
+        # Decoding on rank 0 alone would deadlock: each ZeRO-3 submodule call fetches its
+        # partitioned weights with a collective the other ranks never join.
+        log.warning("eval: no caption metrics under ZeRO-3 (rank 0 would decode alone); "
+                    "run pipelines/caption.py --eval on the exported model")
+        caption_samples = 0
     captions = CaptionSamples(caption_samples if model.has_decoder and rank == 0 else 0)
     try:
         with gather:
