@@ -225,6 +225,9 @@ def main() -> int:
         abuse_s = time.perf_counter() - started
         peak_mb = sampler.stop() / 2**20
         after_mb = process.memory_info().rss / 2**20
+        # A fresh connection: this thread's keep-alive one from the start-up check has been
+        # idle longer than the server keeps it open, and a closed socket is not a dead server.
+        _local.conn = None
         alive = call(port, "GET", "/health")[0] == 200
     report = {
         "index": str(args.index), "items": manifest["count"], "concurrency": args.concurrency,
