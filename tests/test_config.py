@@ -133,3 +133,19 @@ def test_config_files_from_before_the_objective_sections_still_load():
     assert cfg.loss.filip.precision == "fp32" and cfg.loss.filip.token_fraction == 1.0
     assert cfg.loss.lm.batch_fraction == 1.0 and cfg.loss.itm.weight == 1.0
     assert cfg.loss.weighting == "uncertainty"
+
+
+def test_itc_kind_sigmoid_moves_the_itc_weight_to_siglip(tmp_path):
+    """`loss.itc_kind: sigmoid` (the paper's switch) is resolved into the sections, so the
+    saved config reloads to the same objectives."""
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  itc: 0.5\n")
+    cfg = load_config(path, ["loss.itc_kind=sigmoid"])
+    assert (cfg.loss.itc.weight, cfg.loss.siglip.weight) == (0.0, 0.5)
+    assert load_config(path, ["loss.itc_kind=softmax"]).loss.itc.weight == 0.5
+    saved = tmp_path / "saved.yaml"
+    save_config(cfg, saved)
+    again = load_config(saved)
+    assert (again.loss.itc.weight, again.loss.siglip.weight) == (0.0, 0.5)
+    with pytest.raises(ConfigError, match="itc_kind' must be one of"):
+        load_config(path, ["loss.itc_kind=hinge"])

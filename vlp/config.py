@@ -274,6 +274,7 @@ def _loss_from_dict(raw: dict[str, Any], prefix: str) -> LossConfig:
     their defaults; a bare number is the objective's weight)."""
     sections = {o.name: o for o in losses.OBJECTIVES}
     shared = {k: v for k, v in raw.items() if k not in sections}
+    itc_kind = shared.pop("itc_kind", "softmax")
     if "objectives" in shared:
         raise ConfigError(_unknown_key_message(prefix + "objectives", "objectives", _loss_keys()))
     for key in shared:
@@ -287,8 +288,19 @@ def _loss_from_dict(raw: dict[str, Any], prefix: str) -> LossConfig:
             objectives[name] = from_dict(sections[name].Options, value, f"{prefix}{name}.")
             if objectives[name].weight < 0:
                 raise ConfigError(f"config key '{prefix}{name}.weight' must be >= 0")
+    _apply_itc_kind(itc_kind, objectives, prefix)
     return LossConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SharedLossConfig)},
                       objectives=objectives)
+
+
+def _apply_itc_kind(kind: Any, objectives: dict[str, Any], prefix: str) -> None:
+    """`loss.itc_kind: sigmoid` is short for moving ITC's weight to SigLIP (`loss.siglip`),
+    the paper's switch in one key; resolved here, so a saved config names the sections."""
+    if kind not in ("softmax", "sigmoid"):
+        raise ConfigError(f"config key '{prefix}itc_kind' must be one of ['softmax', 'sigmoid'], got {kind!r}")
+    if kind == "sigmoid":
+        itc, siglip = objectives["itc"], objectives["siglip"]
+        siglip.weight, itc.weight = siglip.weight + itc.weight, 0.0
 
 
 def _loss_keys() -> dict[str, Any]:
