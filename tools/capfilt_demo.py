@@ -63,17 +63,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = args.out.resolve()
     noisy = out / "noisy_shards"
-    noisy_spec, filtered_spec = str(noisy / Path(args.train).name), str(out / "filtered" / Path(args.train).name)
+    noisy_spec, filtered_spec = str(noisy / Path(args.train).name), str(out / "filtered_shards" / Path(args.train).name)
     step(noisy / "planted.jsonl", [sys.executable, "tools/make_noisy_shards.py", "--fraction", str(args.fraction),
                                    "--seed", str(args.seed), args.train, str(noisy)])
     pretrain(out, "clean", args.train, args.val, args.overrides)
     pretrain(out, "noisy", noisy_spec, args.val, args.overrides)
-    step(out / "filtered" / "capfilt.json",
+    step(out / "filtered_shards" / "capfilt.json",
          [sys.executable, "pipelines/capfilt.py", "--model", str(out / "noisy" / "model"), "--shards", noisy_spec,
-          "--out", str(out / "filtered"), *shlex.split(args.capfilt)], out / "capfilt.log")
+          "--out", str(out / "filtered_shards"), *shlex.split(args.capfilt)], out / "capfilt.log")
     step(out / "filter_report.json",
          [sys.executable, "tools/capfilt_noise_report.py", "--planted", str(noisy / "planted.jsonl"),
-          "--filtered", str(out / "filtered")], out / "filter_report.json")
+          "--filtered", str(out / "filtered_shards")], out / "filter_report.json")
     pretrain(out, "filtered", filtered_spec, args.val, args.overrides)
     arms = {arm: recalls(out / arm) for arm in ("clean", "noisy", "filtered")}
     lost = arms["clean"]["t2i_r10"] - arms["noisy"]["t2i_r10"]
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     summary = {"arms": arms, "r10_lost_to_noise": lost,
                "r10_recovered_share": (arms["filtered"]["t2i_r10"] - arms["noisy"]["t2i_r10"]) / lost if lost else None,
                "filter": {k: report[k] for k in ("wrong_removed", "right_kept", "removal_precision")},
-               "capfilt": json.loads((out / "filtered" / "capfilt.json").read_text())["captions"]}
+               "capfilt": json.loads((out / "filtered_shards" / "capfilt.json").read_text())["captions"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for arm, r in arms.items():
         print(f"{arm:<9} t2i R@1 {r['t2i_r1']:.3f}  R@10 {r['t2i_r10']:.3f}")
