@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capfilt", default="", help="extra pipelines/capfilt.py flags, one string")
     p.add_argument("overrides", nargs="*", help="pretrain key=value overrides for all three arms")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the flags (after --)
     out = args.out.resolve()
     noisy = out / "noisy_shards"
     noisy_spec, filtered_spec = str(noisy / Path(args.train).name), str(out / "filtered_shards" / Path(args.train).name)
