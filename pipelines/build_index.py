@@ -16,7 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlp.config import ConfigError  # noqa: E402
 

@@ -16,6 +16,8 @@ from vlp.model.text import DEC_TOKEN
 from vlp.model.vlp_model import VLPModel
 
 MODEL_FILES = ("config.yaml", "model.safetensors", "tokenizer")
+# The files that define what a model computes (the tokenizer comes from the config's name).
+WEIGHT_FILES = ("config.yaml", "model.safetensors")
 # Model directories saved before the objective interface name the temperatures by the
 # objective's old attribute; they were 0-d then and are [1] now.
 LEGACY_PREFIXES = {"itc.": "objectives.itc.", "filip.": "objectives.filip."}
@@ -95,7 +97,7 @@ def model_dir_fingerprint(path: str | Path) -> str:
     What anything derived from a model (index chunks, class-embedding caches) is keyed on,
     so a retrained model in the same place never reuses the old model's outputs."""
     digest = hashlib.sha256()
-    for name in ("config.yaml", "model.safetensors"):
+    for name in WEIGHT_FILES:
         with open(Path(path) / name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)

@@ -10,6 +10,7 @@ import torch
 
 from tqdm import tqdm
 
+from vlp.model.io import WEIGHT_FILES
 from vlp.zeroshot import report
 from vlp.zeroshot.classes import ClassList, load_classes, reject_indistinct
 from vlp.zeroshot.classifier import EmbeddingCache, TextEncoder, ZeroShotClassifier
@@ -20,7 +21,6 @@ from vlp.zeroshot.templates import LearnedPrompt, load_templates
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ("config.yaml", "model.safetensors")
 
 
 @dataclass
@@ -50,7 +50,7 @@ def load_model(model_dir: str):
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise ZeroShotError(f"model directory not found: {path}")
-    for name in MODEL_FILES:
+    for name in WEIGHT_FILES:
         if not (path / name).is_file():
             raise ZeroShotError(f"model directory {path} is incomplete: missing {name}")
     from vlp.model import load_model_dir
