@@ -22,22 +22,24 @@ from pathlib import Path
 import numpy as np
 
 
-def item_name(searcher, row: int, field: str | None) -> str:
-    """The item's name: json[field] when present and a string, else its first caption."""
-    if field:
-        raw = searcher.items.table.column("json")[row].as_py() if "json" in searcher.items.table.column_names else None
+def item_names(searcher, field: str | None) -> list[str]:
+    """Each item's name, in row order: json[field] when present and a string, else its
+    first caption."""
+    table = searcher.items.table
+    metas = table.column("json").to_pylist() if field and "json" in table.column_names else [None] * len(table)
+    names = []
+    for row, raw in enumerate(metas):
         value = json.loads(raw).get(field) if raw else None
-        if isinstance(value, str):
-            return value
-    captions = searcher.items.captions(row)
-    return captions[0] if captions else ""
+        captions = searcher.items.captions(row)
+        names.append(value if isinstance(value, str) else (captions[0] if captions else ""))
+    return names
 
 
 def short_names(searcher, field: str | None, max_words: int) -> dict[str, set[int]]:
     """{name: item ids carrying it} for names of 1..max_words words."""
     names: dict[str, set[int]] = defaultdict(set)
-    for row, item_id in enumerate(searcher.items.ids):
-        name = " ".join(item_name(searcher, row, field).lower().split())
+    for item_id, raw in zip(searcher.items.ids, item_names(searcher, field)):
+        name = " ".join(raw.lower().split())
         if name and len(name.split()) <= max_words:
             names[name].add(int(item_id))
     return dict(names)
@@ -80,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         raise SystemExit(f"error: no item of {args.index} has a name of at most {args.max_words} words")
     report = name_recall(searcher, names, args.k, args.rerank)
-    first_caption = {int(i): searcher.items.captions(r)[0] if searcher.items.captions(r) else ""
-                     for r, i in enumerate(searcher.items.ids)}
+    first_caption = dict(zip((int(i) for i in searcher.items.ids), item_names(searcher, None)))
     print(f"{report['n']} names of <= {args.max_words} words: top-1 {report['top1']:.3f}, "
           f"top-{args.k} {report['topk']:.3f}")
     for name in report["misses"][:15]:

@@ -41,6 +41,7 @@ from vlp.data.skips import SkipCounter
 from vlp.data.tar import BrokenTar, member_extension, tar_samples
 from vlp.data.text import tokenize
 from vlp.data.writer import write_shard
+from vlp.model.scoring import itm_pair_scores
 from vlp.padding import trim_padding
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ class CapFilt:
         ids, mask = trim_padding(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
         text_states = self.model.encode_text_states(ids, mask)
         if self.settings.score == "itm":
-            return self.model.itm_scores(None, mask, image_states=states[owner], text_states=text_states).float().cpu()
+            return itm_pair_scores(self.model, states, text_states, mask, owner,
+                                   torch.arange(len(texts), device=states.device), self.settings.batch_size)
         image_emb = self.model.encode_image(image_states=states)
         text_emb = self.model.encode_text(attention_mask=mask, text_states=text_states)
         return (image_emb[owner] * text_emb).sum(-1).float().cpu()
