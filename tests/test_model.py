@@ -177,6 +177,16 @@ def test_itm_negatives_warm_up_from_uniform_to_hard(monkeypatch, step, hardness)
     assert drawn[0].abs().max() > 0 if hardness else drawn[0].abs().max() == 0
 
 
+@pytest.mark.parametrize("progress, hardness", [(0.2, 0.0), (0.5, 0.0), (0.6, 0.5), (0.7, 1.0), (0.9, 1.0)])
+def test_a_fractional_hardness_ramp_starts_when_itm_joins(progress, hardness):
+    cfg = tiny_cfg(filip=0.0, lm=0.0)
+    cfg.loss.itm.start, cfg.loss.itm.hard_negatives_warmup_fraction = 0.5, 0.2
+    cfg.loss.itm.hard_negatives_warmup = 3  # steps: overridden by the fraction
+    model = build_model(cfg)
+    model.set_training_progress(1000, progress)
+    assert model.objectives["itm"].hardness == pytest.approx(hardness)
+
+
 def test_without_warmup_itm_negatives_are_hard_from_the_first_step():
     model = build_model(tiny_cfg(filip=0.0, lm=0.0))
     model.set_training_progress(0, 0.0)

@@ -46,6 +46,10 @@ class ITMOptions(ObjectiveOptions):
     # From the first step, hard negatives are near-copies of the positives the new fusion
     # layers cannot yet tell apart, and ITM settles at the constant 1:2 guess.
     hard_negatives_warmup: int = 0
+    # The same ramp as a fraction of the run counted from when ITM joins (its `start`), so it
+    # follows a time budget (train.max_minutes) and a late start begins with easy negatives;
+    # 0: hard_negatives_warmup steps.
+    hard_negatives_warmup_fraction: float = 0.0
 
 
 class ITM(Objective):
@@ -61,8 +65,14 @@ class ITM(Objective):
         self.hardness = 1.0
 
     def set_progress(self, step: int, progress: float) -> None:
-        warmup = self.options.hard_negatives_warmup
-        self.hardness = 1.0 if warmup <= 0 else min(1.0, step / warmup)
+        options = self.options
+        if options.hard_negatives_warmup_fraction > 0:
+            joined = max(0.0, progress - options.start)
+            self.hardness = min(1.0, joined / options.hard_negatives_warmup_fraction)
+        elif options.hard_negatives_warmup > 0:
+            self.hardness = min(1.0, step / options.hard_negatives_warmup)
+        else:
+            self.hardness = 1.0
 
     def forward(self, features) -> dict[str, torch.Tensor]:
         model = features.model
