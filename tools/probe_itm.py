@@ -117,7 +117,7 @@ def train_probe(model, cache: dict, args) -> list[float]:
     """ITM alone on the cached states: only the fusion layers and the ITM head learn."""
     for param in model.parameters():
         param.requires_grad_(False)
-    trainable = [p for p in [*model.text.fusion.parameters(), *model.itm_head.parameters()]]
+    trainable = [*model.text.fusion.parameters(), *model.itm_head.parameters()]
     for param in trainable:
         param.requires_grad_(True)
     itm = ITM(ITMOptions(hard_negatives_warmup=args.hard_negatives_warmup), None)
