@@ -16,8 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-
-from vlp.config import ConfigError  # noqa: E402
+from vlp.config import ConfigError
 
 
 def parse_size(text: str) -> int:

@@ -19,8 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-
-from vlp.config import ConfigError  # noqa: E402
+from vlp.config import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", required=True, help="index directory from build_index.py")

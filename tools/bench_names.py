@@ -30,8 +30,10 @@ def item_names(searcher, field: str | None) -> list[str]:
     names = []
     for row, raw in enumerate(metas):
         value = json.loads(raw).get(field) if raw else None
-        captions = searcher.items.captions(row)
-        names.append(value if isinstance(value, str) else (captions[0] if captions else ""))
+        if not isinstance(value, str):
+            captions = searcher.items.captions(row)
+            value = captions[0] if captions else ""
+        names.append(value)
     return names
 
 

@@ -37,10 +37,11 @@ from vlp.data.text import tokenize
 from vlp.foils.formats import read_foils
 from vlp.foils.run import evaluate_foils
 from vlp.losses.matching import ITM, ITMOptions
+from vlp.metrics import rerank_score, retrieval_recall
 from vlp.model import load_model_dir
+from vlp.model.scoring import itm_pair_scores
 from vlp.model.text import init_like_bert
 from vlp.padding import trim_padding
-from vlp.train.evaluate import _pick, itm_rerank
 
 
 @torch.no_grad()
@@ -151,17 +152,21 @@ def train_probe(model, cache: dict, args) -> list[float]:
 @torch.no_grad()
 def measure(model, tokenizer, cfg, val: dict, args) -> dict:
     """t2i R@1 on the val split by ITC, ITM alone among ITC's top k, and the rerank."""
-    itc = val["img"] @ val["txt"].t()
-    emb = {"states": val["states"], "txt_states": val["txt_states"], "mask": val["mask"]}
-    _, rerank = itm_rerank(model, itc, emb, args.k, batch_size=256)
-    k = min(args.k, itc.shape[0])
-    top = itc.t().topk(k, dim=1).indices
-    # ITM alone: the rerank minus its ITC part, recovered from the scores of the candidates.
-    scale = float(model.logit_scale)
-    candidates = rerank.t().gather(1, top) - scale * itc.t().gather(1, top)
-    itm_only = itc.t().clone().fill_(-1e9).scatter(1, top, candidates).t()
-    out = {name: _pick(scores, scores, val["owner"])["t2i_r1"]
-           for name, scores in (("itc", itc), ("itm_only", itm_only), ("rerank", rerank))}
+    itc = val["img"] @ val["txt"].t()                                  # [n_img, n_txt]
+    top = itc.t().topk(min(args.k, itc.shape[0]), dim=1).indices        # [n_txt, k]
+    texts = torch.arange(itc.shape[1]).repeat_interleave(top.shape[1])
+    p_match = itm_pair_scores(model, val["states"], val["txt_states"], val["mask"],
+                              top.reshape(-1), texts, batch_size=256).view_as(top)
+    candidate_cos = itc.t().gather(1, top)
+
+    def recall_at_1(candidate_scores: torch.Tensor) -> float:
+        """Candidates ranked by their scores, above every other image."""
+        scores = itc.t().clone().fill_(-1e9).scatter(1, top, candidate_scores).t()
+        return retrieval_recall(scores, val["owner"])["t2i_r1"]
+
+    out = {"itc": retrieval_recall(itc, val["owner"])["t2i_r1"],
+           "itm_only": recall_at_1(p_match),
+           "rerank": recall_at_1(rerank_score(candidate_cos, p_match, float(model.logit_scale)))}
     if args.foils:
         report = evaluate_foils(model, tokenizer, read_foils(args.foils, args.foils_images), cfg.data)
         out["foils"] = {s: report[s] for s in ("chance", "itc", "itm", "rerank") if s in report}

@@ -15,9 +15,9 @@ from vlp.config import Config, load_config, save_config
 from vlp.model.text import DEC_TOKEN
 from vlp.model.vlp_model import VLPModel
 
-MODEL_FILES = ("config.yaml", "model.safetensors", "tokenizer")
 # The files that define what a model computes (the tokenizer comes from the config's name).
 WEIGHT_FILES = ("config.yaml", "model.safetensors")
+MODEL_FILES = (*WEIGHT_FILES, "tokenizer")
 # Model directories saved before the objective interface name the temperatures by the
 # objective's old attribute; they were 0-d then and are [1] now.
 LEGACY_PREFIXES = {"itc.": "objectives.itc.", "filip.": "objectives.filip."}
