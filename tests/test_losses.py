@@ -58,13 +58,18 @@ def test_sigmoid_loss_matches_loop_reference():
     assert out["loss"].item() == pytest.approx(total / 5, rel=1e-5)
 
 
-def test_siglip_objective_starts_at_log_10_and_bias_minus_10():
+def test_siglip_objective_starts_at_log_10_and_the_prior_log_odds_of_its_batch():
     from vlp.config import load_config
     from vlp.losses import SigLIP
 
     cfg = load_config(overrides=["loss.siglip=1"])
     objective = SigLIP(cfg.loss.siglip, cfg.loss)
-    assert objective.logit_scale().item() == pytest.approx(10.0) and objective.bias.item() == -10.0
+    objective.start_training(global_batch_size=64)
+    assert objective.logit_scale().item() == pytest.approx(10.0)
+    assert objective.bias.item() == pytest.approx(-math.log(63))  # sigmoid(bias) = 1/64
+    fixed = SigLIP(load_config(overrides=["loss.siglip=1", "loss.siglip.init_bias=-10"]).loss.siglip, cfg.loss)
+    fixed.start_training(global_batch_size=64)
+    assert fixed.bias.item() == -10.0  # the paper's value, when asked for
 
 
 # ------------------------------------------------------------------ FILIP

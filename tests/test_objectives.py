@@ -5,6 +5,7 @@ exactly."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -122,10 +123,12 @@ def test_a_new_objective_is_one_module_and_the_trainer_logs_weights_checkpoints_
 def test_balanced_weights_resume_exactly(shards, tmp_path, mode):
     """6 steps straight vs 3 steps + resume: the losses and balancing weights logged at
     steps 4-6 agree. (Until the loader had an RNG of its own, starting the resumed epoch
-    drew from the global RNG and shifted dropout and ITM sampling: losses differed.)"""
+    drew from the global RNG and shifted dropout and ITM sampling: losses differed.)
+    SigLIP rides along: its bias starts at the batch's prior log-odds, and a resume keeps
+    the trained bias instead of starting it again."""
     config = write_config(tmp_path / "cfg.yaml", shards["train"], "", steps=6, checkpoint_every=3,
                           precision="fp32")
-    common = [f"loss.weighting={mode}", "loss.balance_window=1", "loss.gradnorm_lr=0.2"]
+    common = [f"loss.weighting={mode}", "loss.balance_window=1", "loss.gradnorm_lr=0.2", "loss.siglip=0.5"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run([sys.executable, PRETRAIN, "--config", str(config), f"output_dir={full}", *common])
     run([sys.executable, PRETRAIN, "--config", str(config), f"output_dir={resumed}", *common,
@@ -133,10 +136,12 @@ def test_balanced_weights_resume_exactly(shards, tmp_path, mode):
 
     def weights(run_dir: Path) -> dict[int, dict[str, float]]:
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: {k: v for k, v in r.items() if k.startswith("weight_")}
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("weight_") or k == "siglip_bias"}
                 for r in lines if r["kind"] == "train"}
 
     straight, again = weights(full), weights(resumed)
+    # batch 4 on one rank: -log 3, moved by about the LR (1e-3) a step
+    assert straight[1]["siglip_bias"] == pytest.approx(-math.log(3), abs=0.01)
     assert straight[6] and any(abs(v - 1.0) > 1e-3 for v in straight[6].values())  # the rule acted
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step

@@ -49,6 +49,10 @@ class Objective(nn.Module):
         super().__init__()
         self.options = options
 
+    def start_training(self, global_batch_size: int) -> None:
+        """Called once by the trainer on a fresh run, before the optimizer copies the weights:
+        initializations that depend on the batch (SigLIP's bias) happen here."""
+
     def set_progress(self, step: int, progress: float) -> None:
         """Called by the trainer before each step; objectives with a schedule of their own
         (ITM's negative hardness) follow it."""

@@ -94,6 +94,11 @@ class VLPModel(nn.Module):
         if self.decoder is not None:
             self.decoder.grad_checkpointing = enable
 
+    def start_training(self, global_batch_size: int) -> None:
+        """A fresh training run begins with this global batch: batch-dependent inits."""
+        for objective in self.objectives.values():
+            objective.start_training(global_batch_size)
+
     def set_training_progress(self, step: int, progress: float) -> None:
         """The trainer calls this before each step with the fraction of the run done:
         objective schedules (curriculum, ITM negative hardness) follow it."""

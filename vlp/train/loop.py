@@ -166,6 +166,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        # The pairs one loss sees: a micro-batch from every rank (a resume overwrites the result).
+        model.start_training(cfg.data.batch_size * world.world_size)
         if self.resume_from is not None and precision == "auto":
             # The optimizer state in the checkpoint is in the precision the run started with.
             precision = checkpoint.read_trainer_state(self.resume_from)["precision"]
