@@ -238,3 +238,29 @@ def test_ablations_run_apart_pool_into_one_table(tmp_path):
     c = _ablation(tmp_path / "c", 3, 2, {"fixed": 0.1})
     with pytest.raises(SystemExit, match="different budgets"):
         ablate.merge([a, c], tmp_path / "mixed", bench.spread)
+
+
+def test_a_data_set_without_classes_is_scored_by_its_val_split_and_foil_test(tmp_path):
+    """The relations set's shape: val shards and a foil file, no class list. The scores are
+    the training eval's recall and vlp's own foil report, and no zero-shot key appears."""
+    from test_retrieval_support import COLORS, SHAPES, shape_image, tiny_model_dir, tiny_shards
+    from vlp.foils import evaluate_foils, read_foils
+    from vlp.model import load_model_dir
+
+    for i, (color, shape) in enumerate(zip(COLORS, SHAPES)):
+        (tmp_path / f"{color}_{shape}.jpg").write_bytes(shape_image(color, shape, i))
+    lines = [{"image": f"{c}_{s}.jpg", "caption": f"a {c} {s}", "foils": [f"a {s} {c}"]}
+             for c, s in zip(COLORS, SHAPES)]
+    (tmp_path / "foils.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    val = tiny_shards(1, 10, corrupt=False)[0]
+    spec = {"train": val, "val": val, "foils": str(tmp_path / "foils.jsonl"), "foil_images": str(tmp_path)}
+    model_dir = tiny_model_dir()
+    model, cfg, tokenizer = load_model_dir(model_dir)
+
+    metrics = _ablate().RunScorer(bench, cfg.data, spec)(model_dir)
+
+    want = evaluate_foils(model.float().eval(), tokenizer, read_foils(spec["foils"], spec["foil_images"]), cfg.data)
+    assert {f"foils_{name}": want[name] for name in ("itc", "filip", "itm", "rerank") if name in want} == {
+        k: v for k, v in metrics.items() if k.startswith("foils_")}
+    assert "foils_itc" in metrics and 0 <= metrics["itc_t2i_r1"] <= 1
+    assert not any(k.startswith("zeroshot") for k in metrics)

@@ -9,6 +9,9 @@ seeds) and a bar chart per metric.
         --variants fixed uncertainty dwa gradnorm sigmoid --out runs/ablate
     # any variant: NAME=KEY=VALUE,KEY=VALUE
     python tools/ablate.py --variants fixed 'late=loss.itm.start=0.5,loss.lm.start=0.5'
+    # the relations set (tools/make_relations_shards.py): no classes, so no zero-shot; its
+    # foil test instead (foils_itc / foils_filip / foils_itm / foils_rerank)
+    python tools/ablate.py --datasets relations --relations /data/relations --variants fixed late
 
 Runs one after another (put it under `flock /tmp/vlp-heavy.lock` on a shared machine);
 results.json / results.md / results.png are rewritten after every run, so a cut run keeps
@@ -41,7 +44,7 @@ VARIANTS = {
     "sigmoid": ["loss.itc=0", "loss.siglip=1"],
 }
 METRICS = ("itc_t2i_r1", "itc_t2i_r10", "itm_rerank_t2i_r1", "filip_t2i_r1", "zeroshot_simple_top1",
-           "zeroshot_none_top1", "seconds_per_step")
+           "zeroshot_none_top1", "foils_itc", "foils_itm", "foils_rerank", "seconds_per_step")
 
 
 def load_bench_recipe():
@@ -53,7 +56,7 @@ def load_bench_recipe():
     return module
 
 
-def data_sets(fonts: Path | None) -> dict[str, dict[str, str]]:
+def data_sets(fonts: Path | None, relations: Path | None = None) -> dict[str, dict[str, str]]:
     demo = REPO / "shards/demo"
     sets = {"demo": {"train": f"{demo}/train-{{000000..000007}}.tar", "val": f"{demo}/val-{{000000..000001}}.tar",
                      "zeroshot": f"{demo}/val-{{000000..000001}}.tar", "label_field": "group",
@@ -62,6 +65,10 @@ def data_sets(fonts: Path | None) -> dict[str, dict[str, str]]:
         sets["fonts"] = {"train": f"{fonts}/train-{{000000..000003}}.tar", "val": f"{fonts}/val-{{000000..000001}}.tar",
                          "zeroshot": f"{fonts}/zeroshot-{{000000..000001}}.tar", "label_field": "class",
                          "classes": str(fonts / "classes.txt")}
+    if relations is not None:
+        sets["relations"] = {"train": f"{relations}/train-{{000000..000003}}.tar",
+                             "val": f"{relations}/val-{{000000..000001}}.tar",
+                             "foils": str(relations / "foils.jsonl"), "foil_images": str(relations)}
     return sets
 
 
@@ -88,6 +95,35 @@ def training_eval(model_dir: Path, val_spec: str) -> dict[str, float]:
                        rerank_k=cfg.eval.itm_rerank_k, batch_size=cfg.eval.batch_size)
     return {f"{method}_{key}": value for method in ("itc", "itm_rerank", "filip") if method in results
             for key, value in results[method].items()}
+
+
+class RunScorer:
+    """What every run on one data set is scored on: the training eval on its val split; its
+    zero-shot split when it lists classes; its foil test when it has one."""
+
+    def __init__(self, bench_recipe, data_cfg, spec: dict[str, str]) -> None:
+        from vlp.zeroshot.classes import load_classes
+
+        self.bench, self.spec = bench_recipe, spec
+        self.zeroshot = self.foils = None
+        if "classes" in spec:
+            classes = load_classes(spec["classes"])
+            self.val = bench_recipe.load_eval_set(data_cfg, spec["val"])
+            self.zeroshot = bench_recipe.load_eval_set(data_cfg, spec["zeroshot"], spec["label_field"],
+                                                       classes.index())
+            self.prompts, self.n_classes = bench_recipe.prompt_sets(classes.names), len(classes)
+        if "foils" in spec:
+            self.foils = bench_recipe.FoilEval.read(spec["foils"], spec["foil_images"])
+
+    def __call__(self, model_dir: Path) -> dict[str, float]:
+        metrics = training_eval(model_dir, self.spec["val"])
+        if self.zeroshot is not None:
+            emb = self.bench.vlp_embeddings(model_dir, self.val, self.zeroshot, self.prompts)
+            scores = self.bench.score(emb, torch.tensor(self.zeroshot.labels), self.n_classes)
+            metrics.update({k: v for k, v in scores.items() if k.startswith("zeroshot")})
+        if self.foils is not None:
+            metrics.update(self.bench.vlp_foil_scorers(model_dir, self.foils, ("itc", "filip", "itm", "rerank")))
+        return metrics
 
 
 def plot(results: dict, out: Path) -> None:
@@ -160,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--datasets", nargs="+", default=None, help="demo, fonts (default: all available)")
+    p.add_argument("--datasets", nargs="+", default=None, help="demo, fonts, relations (default: all available)")
     p.add_argument("--fonts", type=Path, help="a tools/make_font_shards.py output directory")
+    p.add_argument("--relations", type=Path, help="a tools/make_relations_shards.py output directory")
     p.add_argument("--config", type=Path, default=REPO / "configs/demo.yaml")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every variant")
     p.add_argument("--budget-minutes", type=float, default=4.0)
@@ -175,10 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(merge(args.merge, args.out, bench_recipe.spread)))
         return 0
     from vlp.config import load_config
-    from vlp.zeroshot.classes import load_classes
 
     variants = dict(parse_variant(v) for v in args.variants)
-    sets = data_sets(args.fonts)
+    sets = data_sets(args.fonts, args.relations)
+    unknown = set(args.datasets or ()) - set(sets)
+    if unknown:
+        raise SystemExit(f"error: data sets {sorted(unknown)} are not available: --fonts DIR / --relations DIR "
+                         f"add fonts / relations; have {sorted(sets)}")
     chosen = {name: sets[name] for name in (args.datasets or sets)}
     work = args.out / datetime.now().strftime("%Y%m%d-%H%M%S")
     results = {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
@@ -187,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset, spec in chosen.items():
         (work / dataset).mkdir(parents=True, exist_ok=True)
         cfg = load_config(args.config, args.set)
-        classes = load_classes(spec["classes"])
-        val = bench_recipe.load_eval_set(cfg.data, spec["val"])
-        zeroshot = bench_recipe.load_eval_set(cfg.data, spec["zeroshot"], spec["label_field"], classes.index())
-        prompts, labels = bench_recipe.prompt_sets(classes.names), torch.tensor(zeroshot.labels)
+        scorer = RunScorer(bench_recipe, cfg.data, spec)
         for seed in args.seeds:
             for name, overrides in variants.items():
                 bench_args = argparse.Namespace(config=args.config, train=spec["train"], vlp_ranks=1,
@@ -198,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench = bench_recipe.Bench(bench_args, work / dataset, args.budget_minutes * 60, 0,
                                            bench_recipe.vlp_budget(cfg.train, args.budget_minutes))
                 run = bench.train_vlp(f"{name}-seed{seed}", seed)
-                model_dir = Path(run["model_dir"])
-                metrics = bench_recipe.score(bench_recipe.vlp_embeddings(model_dir, val, zeroshot, prompts),
-                                             labels, len(classes))
-                metrics = {k: v for k, v in metrics.items() if k.startswith("zeroshot")}
-                metrics.update(training_eval(model_dir, spec["val"]))
+                metrics = scorer(Path(run["model_dir"]))
                 metrics["seconds_per_step"] = run["train_seconds"] / max(1, run["steps"])
                 results["runs"].append({"dataset": dataset, "variant": name, "seed": seed, "steps": run["steps"],
                                         "train_seconds": run["train_seconds"], "metrics": metrics})

@@ -242,14 +242,16 @@ def vlp_embeddings(model_dir: Path, val: EvalSet, zeroshot: EvalSet | None, prom
 
 
 @torch.no_grad()
-def vlp_foil_scorers(model_dir: Path, foils: FoilEval) -> dict[str, float]:
-    """vlp's own foil report (every scorer it has): foils_filip / foils_itm / foils_rerank."""
+def vlp_foil_scorers(model_dir: Path, foils: FoilEval,
+                     names: tuple[str, ...] = ("filip", "itm", "rerank")) -> dict[str, float]:
+    """vlp's own foil report: foils_<name> for each scorer in `names` the model has (ITC comes
+    from the embeddings both arms share, `score`)."""
     from vlp.foils.run import evaluate_foils
     from vlp.model import load_model_dir
 
     model, cfg, tokenizer = load_model_dir(model_dir)
     report = evaluate_foils(model.float().eval(), tokenizer, foils.foil_set, cfg.data)
-    return {f"foils_{name}": report[name] for name in ("filip", "itm", "rerank") if name in report}
+    return {f"foils_{name}": report[name] for name in names if name in report}
 
 
 def openclip_embeddings(python: str, models: Path, checkpoint: Path, val: EvalSet, zeroshot: EvalSet | None,
