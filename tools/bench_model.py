@@ -57,6 +57,7 @@ def measure(config: str, overrides: list[str], batch_size: int, steps: int, thre
     torch.manual_seed(0)
     cfg = load_config(config, overrides)
     model = build_model(cfg).train()
+    model.set_training_progress(0, 1.0)  # every objective has joined (a curriculum starts some late)
     captions = demo_captions(cfg.data.val, batch_size)
     batch = dict(tokenize(model.tokenizer, captions, cfg.data.max_len),
                  image=torch.randn(len(captions), 3, cfg.model.vision.image_size, cfg.model.vision.image_size),

@@ -29,16 +29,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ITC_ONLY = ["loss.filip=0", "loss.itm=0", "loss.lm=0"]
-# The objective-cost rows caption the whole batch; "all-demo" is configs/demo.yaml as is
-# (captioning half of each batch).
-ALL = ["loss.lm.batch_fraction=1"]
+# The objective-cost rows time steps in which every objective runs (the recipe lets ITM and
+# captioning join later in the run) and caption the whole batch; "all-demo" is
+# configs/demo.yaml's step once they have joined (captioning half of each batch).
+JOINED = ["loss.itm.start=0", "loss.lm.start=0"]
+ALL = ["loss.lm.batch_fraction=1", *JOINED]
 SETTINGS = {
     # name: (ranks, overrides)
     "itc": (1, ITC_ONLY),
     "itc+filip": (1, ["loss.itm=0", "loss.lm=0"]),
-    "itc+filip+itm": (1, ["loss.lm=0"]),
+    "itc+filip+itm": (1, ["loss.lm=0", "loss.itm.start=0"]),
     "all": (1, ALL),
-    "all-demo": (1, []),
+    "all-demo": (1, JOINED),
     "all+ckpt": (1, ALL + ["model.grad_checkpointing=true"]),
     "itc-fp32": (1, ITC_ONLY + ["train.precision=fp32"]),
     "all-fp32": (1, ALL + ["train.precision=fp32"]),
