@@ -134,7 +134,7 @@ def plot(results: dict, out: Path) -> None:
     summary = results["summary"]
     datasets = sorted({d for d, _ in (key.split("/", 1) for key in summary)})
     variants = list(dict.fromkeys(key.split("/", 1)[1] for key in summary))
-    shown = [m for m in METRICS if m != "seconds_per_step"]
+    shown = [m for m in measured(summary) if m != "seconds_per_step"]
     fig, axes = plt.subplots(len(datasets), len(shown), figsize=(3.2 * len(shown), 3 * len(datasets)), squeeze=False)
     for row, dataset in enumerate(datasets):
         for col, metric in enumerate(shown):
@@ -149,11 +149,17 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def measured(summary: dict) -> list[str]:
+    """The metrics some run has (zero-shot needs classes, the foil test a foil file)."""
+    return [m for m in METRICS if any(m in s for s in summary.values())]
+
+
 def markdown(results: dict) -> str:
-    lines = ["| data set | variant | " + " | ".join(METRICS) + " | runs |", "|" + "---|" * (len(METRICS) + 3)]
+    metrics = measured(results["summary"])
+    lines = ["| data set | variant | " + " | ".join(metrics) + " | runs |", "|" + "---|" * (len(metrics) + 3)]
     for key, s in results["summary"].items():
         dataset, variant = key.split("/", 1)
-        cells = [f"{s[m]['mean']:.3f} ± {s[m]['sd']:.3f}" if m in s else "–" for m in METRICS]
+        cells = [f"{s[m]['mean']:.3f} ± {s[m]['sd']:.3f}" if m in s else "–" for m in metrics]
         lines.append(f"| {dataset} | {variant} | " + " | ".join(cells) + f" | {s['runs']} |")
     return "\n".join(lines) + "\n"
 
