@@ -38,7 +38,7 @@ SETTINGS = {
     # name: (ranks, overrides)
     "itc": (1, ITC_ONLY),
     "itc+filip": (1, ["loss.itm=0", "loss.lm=0"]),
-    "itc+filip+itm": (1, ["loss.lm=0", "loss.itm.start=0"]),
+    "itc+filip+itm": (1, ["loss.lm=0", *JOINED]),
     "all": (1, ALL),
     "all-demo": (1, JOINED),
     "all+ckpt": (1, ALL + ["model.grad_checkpointing=true"]),
