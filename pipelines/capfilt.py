@@ -1,9 +1,10 @@
 """CapFilt (BLIP's caption bootstrapping) on WebDataset shards: caption every image, score
-every original and synthetic caption with the model's ITM (or ITC) head, keep the matched
-ones, and write filtered shards in img2dataset layout.
+every original and synthetic caption with the model's ITM head (or ITC, or ITC's CSLS),
+keep the matched ones, and write filtered shards in img2dataset layout.
 
     python pipelines/capfilt.py --model runs/noisy/model --shards 'data/train-{000000..000007}.tar' \
-        --out data/filtered [--synthetic 1] [--threshold 0.5] [--top-m 0] [--empty drop|best]
+        --out data/filtered [--synthetic 1] [--score itm|itc|csls] [--threshold 0.5|auto] \
+        [--top-m 0] [--empty drop|best]
 
 Several processes split the shards (`--rank R --world W`, or the RANK/WORLD_SIZE a launcher
 such as torchrun sets) into one --out; the last to finish writes the summary. A killed run
@@ -22,6 +23,15 @@ from pathlib import Path
 from vlp.config import ConfigError
 
 
+def threshold(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (config.yaml, model.safetensors, tokenizer/)")
@@ -30,9 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic", type=int, default=1, help="nucleus captions per image (BLIP: 1)")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's decoder.max_new_tokens")
-    p.add_argument("--score", choices=("itm", "itc"), default="itm",
-                   help="itm: match probability in [0, 1]; itc: cosine similarity in [-1, 1]")
-    p.add_argument("--threshold", type=float, default=0.5, help="keep captions scoring at least this")
+    p.add_argument("--score", choices=("itm", "itc", "csls"), default="itm",
+                   help="itm: match probability in [0, 1]; itc: cosine similarity in [-1, 1]; csls: the cosine "
+                        "corrected for hubness within the shard, 2cos(i,t) - r(t) - r(i) (r: mean cosine to the "
+                        "k nearest images / captions)")
+    p.add_argument("--csls-k", type=int, default=10, help="csls: neighbours per caption and per image")
+    p.add_argument("--threshold", type=threshold, default=0.5,
+                   help="keep captions scoring at least this; 'auto': per shard, where a two-Gaussian mixture "
+                        "fitted to its original captions' scores splits them (for --score csls)")
     p.add_argument("--no-threshold", action="store_true", help="no threshold: keep the --top-m best")
     p.add_argument("--top-m", type=int, default=0, help="keep at most the m best captions per image (0: no cap)")
     p.add_argument("--empty", choices=("drop", "best"), default="drop",
@@ -70,7 +85,7 @@ def run(args) -> dict:
     if not 0 <= rank < world:
         raise ValueError(f"--rank must be in [0, --world); got rank {rank}, world {world}")
     settings = CapFiltSettings(synthetic=args.synthetic, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                               score=args.score, threshold=None if args.no_threshold else args.threshold,
+                               score=args.score, csls_k=args.csls_k, threshold=None if args.no_threshold else args.threshold,
                                top_m=args.top_m, empty=args.empty, seed=args.seed, batch_size=args.batch_size)
     settings.check()
     shards = expand_spec(args.shards, "--shards")

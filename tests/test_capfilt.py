@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_caption import REPO, caption_model_dir
@@ -146,16 +147,16 @@ def test_keep_rules_threshold_top_m_and_empty_images():
     def kept(c):
         return [x["text"] for x in c if x["kept"]]
     c = cands(0.9, 0.2, 0.6)
-    _choose(c, CapFiltSettings(threshold=0.5))
+    _choose(c, CapFiltSettings(threshold=0.5), 0.5)
     assert kept(c) == ["0", "2"]
     c = cands(0.9, 0.2, 0.6)
-    _choose(c, CapFiltSettings(threshold=0.5, top_m=1))
+    _choose(c, CapFiltSettings(threshold=0.5, top_m=1), 0.5)
     assert kept(c) == ["0"]
     c = cands(0.1, 0.3)
-    _choose(c, CapFiltSettings(threshold=0.5, empty="drop"))
+    _choose(c, CapFiltSettings(threshold=0.5, empty="drop"), 0.5)
     assert kept(c) == []
     c = cands(0.1, 0.3)
-    _choose(c, CapFiltSettings(threshold=0.5, empty="best"))
+    _choose(c, CapFiltSettings(threshold=0.5, empty="best"), 0.5)
     assert kept(c) == ["1"]
     with pytest.raises(ValueError, match="threshold, a top_m"):
         CapFiltSettings(threshold=None, top_m=0).check()
@@ -184,3 +185,57 @@ def test_pipeline_errors_are_clear(tmp_path, capsys):
     assert capfilt_cli.main(["--model", str(tmp_path / "nope"), "--shards", tiny_shards()[0],
                              "--out", str(tmp_path / "o")]) == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+def test_csls_is_the_formula_in_slices_and_demotes_a_caption_close_to_every_image():
+    import torch
+    from vlp.caption.capfilt import _csls_scores
+
+    gen = torch.Generator().manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)  # noqa: E731
+    images, texts = unit(7, 8), unit(11, 8)
+    owner = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 6])
+    sim = texts @ images.T
+    expected = 2 * sim[torch.arange(11), owner] - sim.topk(3, dim=1).values.mean(1) \
+        - sim.topk(3, dim=0).values.mean(0)[owner]
+    # Two batches of the shard (images 0-3 and 4-6), owners local to their batch, scored 4 rows at a time.
+    pools = [(images[:4], texts[:6], owner[:6]), (images[4:], texts[6:], owner[6:] - 4)]
+    cands = [[{"score": None}] * n for n in (2, 1, 1, 2, 1, 1, 3)]
+    cands = [[dict(c) for c in group] for group in cands]
+    _csls_scores(cands, pools, k=3, rows=4)
+    assert torch.allclose(torch.tensor([c["score"] for g in cands for c in g]), expected, atol=1e-5)
+
+    # Images share a direction e0 plus one of their own; the hub caption is e0 itself. On the
+    # cosine it beats image 0's own caption (mostly e1, a little against e0), on CSLS it does not.
+    images = torch.nn.functional.normalize(torch.eye(5)[1:] + torch.eye(5)[0], dim=-1)
+    hub, right = torch.eye(5)[0], torch.nn.functional.normalize(torch.eye(5)[1] - 0.1 * torch.eye(5)[0], dim=0)
+    assert float(hub @ images[0]) > float(right @ images[0])
+    pair = [[{"score": None}, {"score": None}]]
+    _csls_scores(pair, [(images, torch.stack([hub, right]), torch.tensor([0, 0]))], k=2)
+    assert pair[0][1]["score"] > pair[0][0]["score"] + 0.2
+
+
+def test_csls_with_automatic_thresholds_runs_end_to_end_and_splits_like_one_process(tmp_path):
+    settings = dict(score="csls", csls_k=3, synthetic=1, threshold="auto", top_m=0, empty="best")
+    whole = run(tmp_path / "whole", **settings)
+    assert whole["settings"]["score"] == "csls" and whole["images"]["written"] == 30
+    assert set(whole["thresholds"]) == {"part0-000000.tar", "part1-000000.tar", "part2-000000.tar"}
+    for name, threshold in whole["thresholds"].items():
+        for meta in (json.loads(m["json"]) for m in samples(tmp_path / "whole" / name).values()):
+            for c in meta["capfilt"]:  # kept = at or above the shard's split (or the image's best)
+                assert c["kept"] == (c["score"] >= threshold) or c["score"] == max(x["score"] for x in meta["capfilt"])
+    run(tmp_path / "split", rank=1, world=2, **settings)
+    run(tmp_path / "split", rank=0, world=2, **settings)
+    assert outputs(tmp_path / "split") == outputs(tmp_path / "whole")
+
+
+def test_the_mixture_threshold_splits_two_populations_between_them():
+    from vlp.caption.capfilt import mixture_threshold
+    rng = np.random.default_rng(0)
+    wrong, right = rng.normal(-0.4, 0.1, 400), rng.normal(0.1, 0.15, 600)
+    threshold = mixture_threshold([*wrong, *right])
+    assert -0.3 < threshold < 0.0
+    assert (wrong < threshold).mean() > 0.9 and (right >= threshold).mean() > 0.9
+    assert mixture_threshold([0.2, 0.2, 0.2, 0.2, 0.2]) is None and mixture_threshold([0.1, 0.5]) is None
+    with pytest.raises(ValueError, match="threshold must be a number, 'auto'"):
+        CapFiltSettings(threshold="half").check()

@@ -2,9 +2,11 @@
 
 For every image the captioner writes `synthetic` captions by nucleus sampling (BLIP: nucleus,
 not beam, for diversity); the filter scores every original and synthetic caption against
-the image (ITM match probability, or ITC cosine); captions at or above `threshold` (and/or
-the `top_m` best) are kept. An image left with none is dropped, or keeps its best caption
-(`empty: best`).
+the image (ITM match probability, ITC cosine, or the cosine's CSLS within the shard:
+corrected for captions and images that are close to everything); captions at or above
+`threshold` (a number, or "auto": where a two-Gaussian mixture of the shard's original
+captions' scores splits them) and/or the `top_m` best are kept. An image left with none is
+dropped, or keeps its best caption (`empty: best`).
 
 Each input shard becomes one output shard of the same name, in img2dataset layout: the key,
 the image bytes and every other member unchanged; `.txt` the best kept caption; the json
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -45,7 +48,7 @@ from vlp.model.scoring import itm_pair_scores
 from vlp.padding import trim_padding
 
 log = logging.getLogger(__name__)
-SCORES = ("itm", "itc")
+SCORES = ("itm", "itc", "csls")
 EMPTY = ("drop", "best")
 
 
@@ -54,8 +57,11 @@ class CapFiltSettings:
     synthetic: int = 1            # nucleus captions per image (BLIP: 1)
     top_p: float = 0.9
     max_new_tokens: Optional[int] = None  # None: the model's decoder.max_new_tokens
-    score: str = "itm"            # itm: match probability in [0, 1]; itc: cosine in [-1, 1]
-    threshold: Optional[float] = 0.5  # None: no threshold (top_m alone)
+    score: str = "itm"            # itm: match probability in [0, 1]; itc: cosine in [-1, 1];
+    #                               csls: the cosine corrected for hubness within the shard
+    csls_k: int = 10              # csls: neighbours per image / caption
+    threshold: Optional[float | str] = 0.5  # None: no threshold (top_m alone); "auto": per shard,
+    #                               where a two-Gaussian mixture of its original captions' scores splits
     top_m: int = 0                # keep at most the m best per image (0: no cap)
     empty: str = "drop"           # an image with no caption kept: drop it, or keep its best
     seed: int = 0
@@ -71,8 +77,12 @@ class CapFiltSettings:
             problems.append(f"score must be one of {SCORES}, got {self.score!r}")
         if self.empty not in EMPTY:
             problems.append(f"empty must be one of {EMPTY}, got {self.empty!r}")
+        if self.csls_k < 1:
+            problems.append(f"csls_k must be >= 1, got {self.csls_k}")
         if self.top_m < 0:
             problems.append(f"top_m must be >= 0, got {self.top_m}")
+        if isinstance(self.threshold, str) and self.threshold != "auto":
+            problems.append(f"threshold must be a number, 'auto' or None, got {self.threshold!r}")
         if self.threshold is None and self.top_m == 0:
             problems.append("give a threshold, a top_m, or both: otherwise every caption is kept")
         if self.batch_size < 1:
@@ -87,7 +97,7 @@ class _Sample:
     members: dict[str, bytes]
     captions: list[str]
     meta: dict
-    image: torch.Tensor  # uint8 [3, S, S]
+    image: Optional[torch.Tensor]  # uint8 [3, S, S]; None once scored
 
 
 class CapFilt:
@@ -131,19 +141,33 @@ class CapFilt:
                 "waiting_for": sum(not capfilt_stats.shard_done(out_dir, n) for n in names)}
 
     def _filtered(self, src: str, name: str, stats: dict, dropped: list[dict], bar: tqdm) -> Iterator[dict]:
-        """The shard's output samples; images left without a caption go to `dropped`."""
+        """The shard's output samples; images left without a caption go to `dropped`. The
+        whole shard is scored before anything is kept: CSLS compares each pair with the
+        shard's other images and captions (the shard's members are held in memory)."""
         generator = torch.Generator(self.device).manual_seed(_shard_seed(self.settings.seed, name))
         skips = SkipCounter()
+        samples, candidates, pools = [], [], []
         for batch in self._batches(src, skips):
-            candidates = self.filter_batch(batch, generator)
-            for sample, chosen in zip(batch, candidates):
-                capfilt_stats.count(stats, chosen)
-                if any(c["kept"] for c in chosen):
-                    yield _output_sample(sample, chosen)
-                else:
-                    dropped.append({"key": sample.key, "capfilt": chosen})
+            scored, pool = self.score_batch(batch, generator)
+            samples += batch
+            candidates += scored
+            pools.append(pool)
             bar.update(len(batch))
-            bar.set_postfix(images_kept=stats["images"]["written"], dropped=stats["images"]["dropped"])
+        if self.settings.score == "csls" and samples:
+            _csls_scores(candidates, pools, self.settings.csls_k)
+        threshold = self.settings.threshold
+        if threshold == "auto":
+            threshold = mixture_threshold([c["score"] for cands in candidates for c in cands
+                                           if c["source"] == "original"])
+            stats["threshold"] = threshold
+        for sample, chosen in zip(samples, candidates):
+            _choose(chosen, self.settings, threshold)
+            capfilt_stats.count(stats, chosen)
+            if any(c["kept"] for c in chosen):
+                yield _output_sample(sample, chosen)
+            else:
+                dropped.append({"key": sample.key, "capfilt": chosen})
+        bar.set_postfix(images_kept=stats["images"]["written"], dropped=stats["images"]["dropped"])
         stats["skipped"] = dict(skips.total)
 
     def _batches(self, src: str, skips: SkipCounter) -> Iterator[list[_Sample]]:
@@ -177,19 +201,23 @@ class CapFilt:
 
     # ------------------------------------------------------------------ one batch
     @torch.no_grad()
-    def filter_batch(self, batch: list[_Sample], generator: torch.Generator) -> list[list[dict]]:
-        """Per image its candidates {"text", "source", "score", "kept"}, originals first."""
+    def score_batch(self, batch: list[_Sample], generator: torch.Generator) -> tuple[list[list[dict]], "_Pool"]:
+        """Per image its candidates {"text", "source", "score", "kept": False}, originals
+        first, and the embeddings CSLS needs (None for the other scores). The decoded
+        images are released: the shard's scoring holds only their bytes."""
         states = self.model.encode_image_states(torch.stack([s.image for s in batch]).to(self.device))
+        for sample in batch:
+            sample.image = None
         synthetic = self._synthesize(states, generator)
         candidates = [_candidates(s.captions, synthetic[i]) for i, s in enumerate(batch)]
         texts = [c["text"] for cands in candidates for c in cands]
         owner = torch.tensor([i for i, cands in enumerate(candidates) for _ in cands], device=self.device)
-        scores = iter(self._scores(states, texts, owner).tolist())
+        scores, pool = self._scores(states, texts, owner)
+        scores = iter(scores.tolist())
         for cands in candidates:
             for c in cands:
                 c["score"] = round(next(scores), 6)
-            _choose(cands, self.settings)
-        return candidates
+        return candidates, pool
 
     def _synthesize(self, states: torch.Tensor, generator: torch.Generator) -> list[list[str]]:
         n = self.settings.synthetic
@@ -201,16 +229,49 @@ class CapFilt:
         texts = [detokenize(t) for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(states.shape[0])]
 
-    def _scores(self, states: torch.Tensor, texts: list[str], owner: torch.Tensor) -> torch.Tensor:
+    def _scores(self, states: torch.Tensor, texts: list[str], owner: torch.Tensor) -> tuple[torch.Tensor, "_Pool"]:
         tokens = tokenize(self.tokenizer, texts, self.data_cfg.max_len)
         ids, mask = trim_padding(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
         text_states = self.model.encode_text_states(ids, mask)
         if self.settings.score == "itm":
             return itm_pair_scores(self.model, states, text_states, mask, owner,
-                                   torch.arange(len(texts), device=states.device), self.settings.batch_size)
-        image_emb = self.model.encode_image(image_states=states)
-        text_emb = self.model.encode_text(attention_mask=mask, text_states=text_states)
-        return (image_emb[owner] * text_emb).sum(-1).float().cpu()
+                                   torch.arange(len(texts), device=states.device), self.settings.batch_size), None
+        image_emb = self.model.encode_image(image_states=states).float().cpu()
+        text_emb = self.model.encode_text(attention_mask=mask, text_states=text_states).float().cpu()
+        owner = owner.cpu()
+        pool = (image_emb, text_emb, owner) if self.settings.score == "csls" else None
+        return (image_emb[owner] * text_emb).sum(-1), pool
+
+
+_Pool = Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # image emb, text emb, image of each text
+
+
+def _csls_scores(candidates: list[list[dict]], pools: list[_Pool], k: int, rows: int = 4096) -> None:
+    """Replace each candidate's cosine with its CSLS score within the shard (Conneau et
+    al. 2018): 2 cos(i, t) - r(t) - r(i), where r(t) is the mean cosine of caption t to its
+    k nearest images of the shard and r(i) that of image i to its k nearest captions. A
+    caption that is close to every image (a hub), or an image close to every caption, no
+    longer passes on that alone."""
+    images, offsets = [], 0
+    texts, owners = [], []
+    for image_emb, text_emb, owner in pools:
+        images.append(image_emb)
+        texts.append(text_emb)
+        owners.append(owner + offsets)
+        offsets += image_emb.shape[0]
+    image_emb, text_emb, owner = torch.cat(images), torch.cat(texts), torch.cat(owners)
+    k_images, k_texts = min(k, image_emb.shape[0]), min(k, text_emb.shape[0])
+    own, text_hub, image_top = [], [], torch.empty(0, image_emb.shape[0])
+    for start in range(0, text_emb.shape[0], rows):  # [texts, images] in slices: a 10k-image shard fits
+        sim = text_emb[start:start + rows] @ image_emb.T
+        own.append(sim.gather(1, owner[start:start + rows, None])[:, 0])
+        text_hub.append(sim.topk(k_images, dim=1).values.mean(1))
+        image_top = torch.cat([image_top, sim]).topk(min(k_texts, image_top.shape[0] + sim.shape[0]), dim=0).values
+    csls = 2 * torch.cat(own) - torch.cat(text_hub) - image_top.mean(0)[owner]
+    scores = iter(csls.tolist())
+    for cands in candidates:
+        for c in cands:
+            c["score"] = round(next(scores), 6)
 
 
 def _candidates(originals: list[str], synthetic: list[str]) -> list[dict]:
@@ -224,11 +285,35 @@ def _candidates(originals: list[str], synthetic: list[str]) -> list[dict]:
     return out
 
 
-def _choose(candidates: list[dict], settings: CapFiltSettings) -> None:
-    """Mark `kept`: at or above the threshold, at most top_m of them (best first); none
-    left → the best one when `empty` is "best"."""
+def mixture_threshold(scores: list[float], iterations: int = 300) -> Optional[float]:
+    """Where a two-Gaussian mixture fitted to `scores` (EM) starts calling a score "high":
+    the lowest score above the low component's mean whose posterior for the high component
+    is at least 1/2. The noisy-label split of DivideMix (Li et al. 2020) and NCR (Huang et
+    al. 2021), here on filter scores: it needs no threshold tuned to a data set's score
+    scale. None (keep everything) when there are too few scores to fit two components."""
+    x = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(x) < 4 or x[0] == x[-1]:
+        return None
+    low, high = x[:len(x) // 2], x[len(x) // 2:]
+    mean, std, weight = np.array([low.mean(), high.mean()]), np.array([low.std(), high.std()]), np.array([0.5, 0.5])
+    for _ in range(iterations):
+        std = np.maximum(std, 1e-3 * (x[-1] - x[0]))
+        density = weight * np.exp(-0.5 * ((x[:, None] - mean) / std) ** 2) / std
+        posterior = density / np.maximum(density.sum(1, keepdims=True), 1e-300)
+        weight = posterior.mean(0)
+        mean = (posterior * x[:, None]).sum(0) / np.maximum(posterior.sum(0), 1e-12)
+        std = np.sqrt((posterior * (x[:, None] - mean) ** 2).sum(0) / np.maximum(posterior.sum(0), 1e-12))
+    lo, hi = np.argsort(mean)
+    high_posterior = posterior[:, hi]
+    above = np.nonzero((x >= mean[lo]) & (high_posterior >= 0.5))[0]
+    return float(x[above[0]]) if len(above) else None
+
+
+def _choose(candidates: list[dict], settings: CapFiltSettings, threshold: Optional[float]) -> None:
+    """Mark `kept`: at or above `threshold` (None: no threshold), at most top_m of them (best
+    first); none left → the best one when `empty` is "best"."""
     order = sorted(range(len(candidates)), key=lambda i: -candidates[i]["score"])
-    kept = [i for i in order if settings.threshold is None or candidates[i]["score"] >= settings.threshold]
+    kept = [i for i in order if threshold is None or candidates[i]["score"] >= threshold]
     if settings.top_m:
         kept = kept[:settings.top_m]
     if not kept and settings.empty == "best":

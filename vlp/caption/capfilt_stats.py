@@ -22,7 +22,7 @@ from vlp.data.writer import write_sizes
 
 SOURCES = ("original", "synthetic")
 BINS = 50
-SCORE_RANGE = {"itm": (0.0, 1.0), "itc": (-1.0, 1.0)}
+SCORE_RANGE = {"itm": (0.0, 1.0), "itc": (-1.0, 1.0), "csls": (-1.0, 1.0)}  # the histogram's; csls clamps to it
 
 
 def output_names(shards: list[str]) -> list[str]:
@@ -111,6 +111,8 @@ def merge_if_complete(out_dir: Path, names: list[str], settings: dict) -> Option
     summary = {"shards": len(names), "images": total["images"], "captions": total["captions"],
                "skipped": total["skipped"], "settings": settings,
                "histogram": {"range": SCORE_RANGE[settings["score"]], "bins": BINS, **total["histogram"]}}
+    if settings.get("threshold") == "auto":  # each shard's own split
+        summary["thresholds"] = {n: s.get("threshold") for n, s in per_shard.items()}
     atomic_write_json(out_dir / "capfilt.json", summary)
     plot_histogram(summary, out_dir / "capfilt_scores.png")
     return summary
@@ -129,8 +131,8 @@ def plot_histogram(summary: dict, path: Path) -> None:
         kept, removed = hist[source]["kept"], hist[source]["removed"]
         ax.stairs(removed, edges, fill=True, color="#d62728", alpha=0.6, label=f"removed ({sum(removed)})")
         ax.stairs(kept, edges, fill=True, color="#2ca02c", alpha=0.6, label=f"kept ({sum(kept)})")
-        if settings.get("threshold") is not None:
-            ax.axvline(settings["threshold"], color="black", linestyle="--", linewidth=1)
+        for threshold in _thresholds(summary):
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1, alpha=0.4)
         ax.set_title(f"{source} captions")
         ax.set_xlabel(f"{settings['score'].upper()} score")
         ax.legend(fontsize=8)
@@ -138,6 +140,14 @@ def plot_histogram(summary: dict, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
+
+
+def _thresholds(summary: dict) -> list[float]:
+    """The threshold line(s) to draw: the settings' number, or each shard's automatic one."""
+    threshold = summary["settings"].get("threshold")
+    if threshold == "auto":
+        return sorted({t for t in summary["thresholds"].values() if t is not None})
+    return [] if threshold is None else [threshold]
 
 
 def _add(total: dict, stats: dict) -> None:
