@@ -23,7 +23,7 @@ from pathlib import Path
 from vlp.config import ConfigError
 
 
-def threshold(text: str) -> float | str:
+def threshold_arg(text: str) -> float | str:
     if text == "auto":
         return text
     try:
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "corrected for hubness within the shard, 2cos(i,t) - r(t) - r(i) (r: mean cosine to the "
                         "k nearest images / captions)")
     p.add_argument("--csls-k", type=int, default=10, help="csls: neighbours per caption and per image")
-    p.add_argument("--threshold", type=threshold, default=0.5,
+    p.add_argument("--threshold", type=threshold_arg, default=0.5,
                    help="keep captions scoring at least this; 'auto': per shard, where a two-Gaussian mixture "
                         "fitted to its original captions' scores splits them (for --score csls)")
     p.add_argument("--no-threshold", action="store_true", help="no threshold: keep the --top-m best")

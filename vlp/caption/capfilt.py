@@ -154,7 +154,7 @@ class CapFilt:
             pools.append(pool)
             bar.update(len(batch))
         if self.settings.score == "csls" and samples:
-            _csls_scores(candidates, pools, self.settings.csls_k)
+            _set_scores(candidates, _csls_scores(pools, self.settings.csls_k))
         threshold = self.settings.threshold
         if threshold == "auto":
             threshold = mixture_threshold([c["score"] for cands in candidates for c in cands
@@ -201,7 +201,7 @@ class CapFilt:
 
     # ------------------------------------------------------------------ one batch
     @torch.no_grad()
-    def score_batch(self, batch: list[_Sample], generator: torch.Generator) -> tuple[list[list[dict]], "_Pool"]:
+    def score_batch(self, batch: list[_Sample], generator: torch.Generator) -> tuple[list[list[dict]], _Pool]:
         """Per image its candidates {"text", "source", "score", "kept": False}, originals
         first, and the embeddings CSLS needs (None for the other scores). The decoded
         images are released: the shard's scoring holds only their bytes."""
@@ -213,10 +213,7 @@ class CapFilt:
         texts = [c["text"] for cands in candidates for c in cands]
         owner = torch.tensor([i for i, cands in enumerate(candidates) for _ in cands], device=self.device)
         scores, pool = self._scores(states, texts, owner)
-        scores = iter(scores.tolist())
-        for cands in candidates:
-            for c in cands:
-                c["score"] = round(next(scores), 6)
+        _set_scores(candidates, scores)
         return candidates, pool
 
     def _synthesize(self, states: torch.Tensor, generator: torch.Generator) -> list[list[str]]:
@@ -229,7 +226,7 @@ class CapFilt:
         texts = [detokenize(t) for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(states.shape[0])]
 
-    def _scores(self, states: torch.Tensor, texts: list[str], owner: torch.Tensor) -> tuple[torch.Tensor, "_Pool"]:
+    def _scores(self, states: torch.Tensor, texts: list[str], owner: torch.Tensor) -> tuple[torch.Tensor, _Pool]:
         tokens = tokenize(self.tokenizer, texts, self.data_cfg.max_len)
         ids, mask = trim_padding(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
         text_states = self.model.encode_text_states(ids, mask)
@@ -246,8 +243,8 @@ class CapFilt:
 _Pool = Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # image emb, text emb, image of each text
 
 
-def _csls_scores(candidates: list[list[dict]], pools: list[_Pool], k: int, rows: int = 4096) -> None:
-    """Replace each candidate's cosine with its CSLS score within the shard (Conneau et
+def _csls_scores(pools: list[_Pool], k: int, rows: int = 4096) -> torch.Tensor:
+    """Each pair's CSLS score within the shard, in the pools' caption order (Conneau et
     al. 2018): 2 cos(i, t) - r(t) - r(i), where r(t) is the mean cosine of caption t to its
     k nearest images of the shard and r(i) that of image i to its k nearest captions. A
     caption that is close to every image (a hub), or an image close to every caption, no
@@ -267,11 +264,15 @@ def _csls_scores(candidates: list[list[dict]], pools: list[_Pool], k: int, rows:
         own.append(sim.gather(1, owner[start:start + rows, None])[:, 0])
         text_hub.append(sim.topk(k_images, dim=1).values.mean(1))
         image_top = torch.cat([image_top, sim]).topk(min(k_texts, image_top.shape[0] + sim.shape[0]), dim=0).values
-    csls = 2 * torch.cat(own) - torch.cat(text_hub) - image_top.mean(0)[owner]
-    scores = iter(csls.tolist())
+    return 2 * torch.cat(own) - torch.cat(text_hub) - image_top.mean(0)[owner]
+
+
+def _set_scores(candidates: list[list[dict]], scores: torch.Tensor) -> None:
+    """Write `scores` (one per candidate, in order) into the candidates, rounded for the json."""
+    values = iter(scores.tolist())
     for cands in candidates:
         for c in cands:
-            c["score"] = round(next(scores), 6)
+            c["score"] = round(next(values), 6)
 
 
 def _candidates(originals: list[str], synthetic: list[str]) -> list[dict]:
