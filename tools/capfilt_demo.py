@@ -10,9 +10,13 @@ same budget on the clean shards, on the clean val set.
 Steps (each skipped when its output exists, so a rerun continues; every command is printed):
 make_noisy_shards → pretrain clean → pretrain noisy → capfilt → capfilt_noise_report →
 pretrain filtered. Pretraining uses the default config (configs/demo.yaml) plus the
-overrides after `--`, the same for all three arms. Writes OUT/summary.json and prints
+overrides after `--`, the same for every arm. Writes OUT/summary.json and prints
 t2i R@1/R@10 (ITC) per arm, the share of the noise's R@10 loss the filtered run recovers,
 and the filter's precision/recall on the planted captions.
+
+--rounds N bootstraps: round k > 1 filters the noisy shards again with the model trained on
+round k-1's output (`--capfilt` flags, then `--refilter`'s: by default no new synthetic
+captions), then pretrains on them (arm `filtered_round{k}`); each round is reported.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from vlp.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +57,25 @@ def recalls(run: Path) -> dict:
     return {"t2i_r1": itc["t2i_r1"], "t2i_r10": itc["t2i_r10"]}
 
 
+def capfilt_round(out: Path, k: int, model: Path, args, flags: list[str]) -> dict:
+    """Filter the noisy shards with `model`, score the filter on the planted captions and
+    pretrain on what it kept. Round 1 keeps the names of the single-round layout."""
+    noisy, pattern = out / "noisy_shards", Path(args.train).name
+    shards = out / ("filtered_shards" if k == 1 else f"round{k}_shards")
+    report_path = out / ("filter_report.json" if k == 1 else f"filter_report_round{k}.json")
+    arm = "filtered" if k == 1 else f"filtered_round{k}"
+    step(shards / "capfilt.json",
+         [sys.executable, "pipelines/capfilt.py", "--model", str(model), "--shards", str(noisy / pattern),
+          "--out", str(shards), *flags], out / ("capfilt.log" if k == 1 else f"capfilt_round{k}.log"))
+    step(report_path, [sys.executable, "tools/capfilt_noise_report.py", "--planted", str(noisy / "planted.jsonl"),
+                       "--filtered", str(shards)], report_path)
+    pretrain(out, arm, str(shards / pattern), args.val, args.overrides)
+    report = json.loads(report_path.read_text().strip().splitlines()[-1])
+    return {"round": k, "arm": arm, "model": str(model), "flags": flags,
+            "filter": {key: report[key] for key in ("wrong_removed", "right_kept", "removal_precision")},
+            "capfilt": json.loads((shards / "capfilt.json").read_text())["captions"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
@@ -59,32 +84,35 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capfilt", default="", help="extra pipelines/capfilt.py flags, one string")
-    p.add_argument("overrides", nargs="*", help="pretrain key=value overrides for all three arms")
+    p.add_argument("--rounds", type=int, default=1, help="CapFilt rounds (each one more pretraining run)")
+    p.add_argument("--refilter", default="--synthetic 0",
+                   help="flags added to --capfilt's in rounds after the first")
+    p.add_argument("overrides", nargs="*", help="pretrain key=value overrides for every arm")
     args = p.parse_intermixed_args(argv)  # overrides may follow the flags (after --)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     out = args.out.resolve()
     noisy = out / "noisy_shards"
-    noisy_spec, filtered_spec = str(noisy / Path(args.train).name), str(out / "filtered_shards" / Path(args.train).name)
+    noisy_spec = str(noisy / Path(args.train).name)
     step(noisy / "planted.jsonl", [sys.executable, "tools/make_noisy_shards.py", "--fraction", str(args.fraction),
                                    "--seed", str(args.seed), args.train, str(noisy)])
     pretrain(out, "clean", args.train, args.val, args.overrides)
     pretrain(out, "noisy", noisy_spec, args.val, args.overrides)
-    step(out / "filtered_shards" / "capfilt.json",
-         [sys.executable, "pipelines/capfilt.py", "--model", str(out / "noisy" / "model"), "--shards", noisy_spec,
-          "--out", str(out / "filtered_shards"), *shlex.split(args.capfilt)], out / "capfilt.log")
-    step(out / "filter_report.json",
-         [sys.executable, "tools/capfilt_noise_report.py", "--planted", str(noisy / "planted.jsonl"),
-          "--filtered", str(out / "filtered_shards")], out / "filter_report.json")
-    pretrain(out, "filtered", filtered_spec, args.val, args.overrides)
-    arms = {arm: recalls(out / arm) for arm in ("clean", "noisy", "filtered")}
+    rounds, model = [], out / "noisy" / "model"
+    for k in range(1, args.rounds + 1):
+        flags = shlex.split(args.capfilt) + (shlex.split(args.refilter) if k > 1 else [])
+        rounds.append(capfilt_round(out, k, model, args, flags))
+        model = out / rounds[-1]["arm"] / "model"
+    arms = {arm: recalls(out / arm) for arm in ("clean", "noisy", *(r["arm"] for r in rounds))}
     lost = arms["clean"]["t2i_r10"] - arms["noisy"]["t2i_r10"]
-    report = json.loads((out / "filter_report.json").read_text().strip().splitlines()[-1])
-    summary = {"arms": arms, "r10_lost_to_noise": lost,
-               "r10_recovered_share": (arms["filtered"]["t2i_r10"] - arms["noisy"]["t2i_r10"]) / lost if lost else None,
-               "filter": {k: report[k] for k in ("wrong_removed", "right_kept", "removal_precision")},
-               "capfilt": json.loads((out / "filtered_shards" / "capfilt.json").read_text())["captions"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for r in rounds:
+        r["r10_recovered_share"] = (arms[r["arm"]]["t2i_r10"] - arms["noisy"]["t2i_r10"]) / lost if lost else None
+    first = rounds[0]
+    summary = {"arms": arms, "r10_lost_to_noise": lost, "r10_recovered_share": first["r10_recovered_share"],
+               "filter": first["filter"], "capfilt": first["capfilt"], "rounds": rounds}
+    atomic_write_json(out / "summary.json", summary)
     for arm, r in arms.items():
-        print(f"{arm:<9} t2i R@1 {r['t2i_r1']:.3f}  R@10 {r['t2i_r10']:.3f}")
+        print(f"{arm:<17} t2i R@1 {r['t2i_r1']:.3f}  R@10 {r['t2i_r10']:.3f}")
     print(json.dumps(summary))
     return 0
 
