@@ -308,6 +308,38 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 # ------------------------------------------------------------------ training step
 
+def test_frozen_text_layers_take_no_gradient_and_skip_their_backward():
+    from vlp.train.engine import param_groups
+
+    cfg = tiny_cfg()
+    cfg.model.text.frozen_layers = 1  # of the 2 text layers below the fusion layer
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    locked = ("text.embeddings.", "text.layers.0.")
+    assert frozen == {name for name, _ in model.named_parameters() if name.startswith(locked)}
+    assert not frozen & {name for group in param_groups(model, 0.05) for name in group["names"]}
+    tracked = {}
+    for index in (0, 1):
+        model.text.layers[index].register_forward_hook(
+            lambda module, args, out, index=index: tracked.__setitem__(index, out.requires_grad))
+    model(tiny_batch())["loss"].backward()
+    assert tracked == {0: False, 1: True}  # no autograd graph below the first trained layer
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(grads[name] is None for name in frozen)
+    assert grads["text.layers.1.attention.self.query.weight"] is not None
+    # The decoder's own self-attention of a frozen layer still trains (the LM loss reaches it
+    # through the frozen, shared FFN above it).
+    assert model.decoder.layers[0].attention.self.query.weight.grad is not None
+
+
+def test_frozen_layers_beyond_the_text_layers_are_a_config_error():
+    cfg = tiny_cfg()
+    cfg.model.text.frozen_layers = 3  # 2 text layers + 1 fusion layer
+    with pytest.raises(ConfigError, match="model.text.frozen_layers"):
+        build_model(cfg)
+
+
 COMBOS = [c for r in range(1, 5) for c in itertools.combinations(OBJECTIVES, r)]
 
 

@@ -85,6 +85,10 @@ class TextConfig:
     # The ITC text embedding: the [CLS] state (ALBEF/BLIP) or the mean over real tokens, the
     # pooling sentence-transformers models such as all-MiniLM-L6-v2 were trained with.
     pooling: str = "cls"
+    # Lock the pretrained bottom of the tower (LiT, Zhai et al. 2022, locks a whole pretrained
+    # tower): the embeddings and the first N text layers take no gradient, so a step skips
+    # their backward and the tied LM head's weight gradient. 0: every layer trains.
+    frozen_layers: int = 0
 
 
 @dataclass

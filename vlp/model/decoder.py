@@ -20,7 +20,7 @@ class CaptionDecoder(nn.Module):
     def __init__(self, text: TextTower, image_width: int, share_weights: bool):
         super().__init__()
         self.layers = text.decoder_layers(share_weights, image_width)
-        self.embeddings = text.embeddings if share_weights else copy.deepcopy(text.embeddings)
+        self.embeddings = text.embeddings if share_weights else copy.deepcopy(text.embeddings).requires_grad_(True)
         self.transform = BertPredictionHeadTransform(text.config)
         init_like_bert(self.transform, text.config.initializer_range)
         self.bias = nn.Parameter(torch.zeros(text.config.vocab_size))

@@ -19,6 +19,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 
 from vlp.assets import resolve_local_dir
 from vlp.config import TextConfig
+from vlp.errors import ConfigError
 
 DEC_TOKEN = "[DEC]"
 
@@ -140,6 +141,13 @@ class TextTower(nn.Module):
                        layer.intermediate, layer.output)
             for layer in (copy.deepcopy(top) if stack else top))
         self.grad_checkpointing = False
+        if not 0 <= cfg.frozen_layers <= len(self.layers):
+            raise ConfigError(f"config key 'model.text.frozen_layers' must be in [0, {len(self.layers)}] (the text "
+                              f"layers below the fusion layers), got {cfg.frozen_layers}")
+        if cfg.frozen_layers:
+            self.embeddings.requires_grad_(False)
+            for layer in self.layers[:cfg.frozen_layers]:
+                layer.requires_grad_(False)
 
     @property
     def width(self) -> int:
@@ -172,11 +180,12 @@ class TextTower(nn.Module):
         cross_from = len(self.layers) if len(self.fusion) else 0
         built = []
         for index, layer in enumerate(layers):
-            own = (lambda m: m) if share else copy.deepcopy
+            # A copy is the decoder's own and trains even where the encoder's layer is frozen.
+            own = (lambda m: m) if share else (lambda m: copy.deepcopy(m).requires_grad_(True))
             cross = None
             if index >= cross_from:
                 cross = (own(layer.crossattention) if layer.crossattention is not None
                          else new_cross_attention(self.config, image_width))
-            built.append(CrossLayer(copy.deepcopy(layer.attention), cross,
+            built.append(CrossLayer(copy.deepcopy(layer.attention).requires_grad_(True), cross,
                                     own(layer.intermediate), own(layer.output)))
         return nn.ModuleList(built)
