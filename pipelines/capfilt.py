@@ -1,10 +1,14 @@
 """CapFilt (BLIP's caption bootstrapping) on WebDataset shards: caption every image, score
-every original and synthetic caption with the model's ITM head (or ITC, or ITC's CSLS),
-keep the matched ones, and write filtered shards in img2dataset layout.
+every original and synthetic caption (by default ITC's CSLS; or the ITM head, BLIP's filter,
+or the plain ITC cosine), keep the matched ones, and write filtered shards in img2dataset layout.
 
     python pipelines/capfilt.py --model runs/noisy/model --shards 'data/train-{000000..000007}.tar' \
-        --out data/filtered [--synthetic 1] [--score itm|itc|csls] [--threshold 0.5|auto] \
-        [--top-m 0] [--empty drop|best]
+        --out data/filtered [--synthetic 1] [--score csls|itc|itm] [--threshold auto|NUMBER] \
+        [--top-m 0] [--empty best|drop]
+
+The defaults (CSLS scores, a mixture threshold per shard, an image keeps at least its best
+caption) are the filter that worked at CPU budgets on two development sets; BLIP's own
+filter is `--score itm --threshold 0.5 --empty drop`.
 
 Several processes split the shards (`--rank R --world W`, or the RANK/WORLD_SIZE a launcher
 such as torchrun sets) into one --out; the last to finish writes the summary. A killed run
@@ -33,27 +37,30 @@ def threshold_arg(text: str) -> float | str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from vlp.caption.capfilt import CapFiltSettings
+
+    default = CapFiltSettings()  # one source for the defaults of the flags and of the API
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (config.yaml, model.safetensors, tokenizer/)")
     p.add_argument("--shards", required=True, help="shard spec, e.g. 'dir/train-{000000..000009}.tar' ('::' joins)")
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
-    p.add_argument("--synthetic", type=int, default=1, help="nucleus captions per image (BLIP: 1)")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--synthetic", type=int, default=default.synthetic, help="nucleus captions per image (BLIP: 1)")
+    p.add_argument("--top-p", type=float, default=default.top_p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's decoder.max_new_tokens")
-    p.add_argument("--score", choices=("itm", "itc", "csls"), default="itm",
+    p.add_argument("--score", choices=("itm", "itc", "csls"), default=default.score,
                    help="itm: match probability in [0, 1]; itc: cosine similarity in [-1, 1]; csls: the cosine "
                         "corrected for hubness within the shard, 2cos(i,t) - r(t) - r(i) (r: mean cosine to the "
                         "k nearest images / captions)")
-    p.add_argument("--csls-k", type=int, default=10, help="csls: neighbours per caption and per image")
-    p.add_argument("--threshold", type=threshold_arg, default=0.5,
+    p.add_argument("--csls-k", type=int, default=default.csls_k, help="csls: neighbours per caption and per image")
+    p.add_argument("--threshold", type=threshold_arg, default=default.threshold,
                    help="keep captions scoring at least this; 'auto': per shard, where a two-Gaussian mixture "
                         "fitted to its original captions' scores splits them (for --score csls)")
     p.add_argument("--no-threshold", action="store_true", help="no threshold: keep the --top-m best")
-    p.add_argument("--top-m", type=int, default=0, help="keep at most the m best captions per image (0: no cap)")
-    p.add_argument("--empty", choices=("drop", "best"), default="drop",
+    p.add_argument("--top-m", type=int, default=default.top_m, help="keep at most the m best captions per image (0: no cap)")
+    p.add_argument("--empty", choices=("drop", "best"), default=default.empty,
                    help="an image with no caption kept: drop it, or keep its best caption")
-    p.add_argument("--seed", type=int, default=0, help="nucleus sampling seed (mixed with each shard's name)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=default.seed, help="nucleus sampling seed (mixed with each shard's name)")
+    p.add_argument("--batch-size", type=int, default=default.batch_size)
     p.add_argument("--rank", type=int, default=None, help="this process's share: shards[rank::world] (default: $RANK or 0)")
     p.add_argument("--world", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
     p.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when a GPU is present, else cpu")
@@ -73,10 +80,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def settings_from(args):
+    from vlp.caption.capfilt import CapFiltSettings
+
+    return CapFiltSettings(synthetic=args.synthetic, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                           score=args.score, csls_k=args.csls_k, threshold=None if args.no_threshold else args.threshold,
+                           top_m=args.top_m, empty=args.empty, seed=args.seed, batch_size=args.batch_size)
+
+
 def run(args) -> dict:
     import torch
 
-    from vlp.caption.capfilt import CapFilt, CapFiltSettings
+    from vlp.caption.capfilt import CapFilt
     from vlp.data.sources import expand_spec
     from vlp.model import load_model_dir
 
@@ -84,9 +99,7 @@ def run(args) -> dict:
     world = args.world if args.world is not None else int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world:
         raise ValueError(f"--rank must be in [0, --world); got rank {rank}, world {world}")
-    settings = CapFiltSettings(synthetic=args.synthetic, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                               score=args.score, csls_k=args.csls_k, threshold=None if args.no_threshold else args.threshold,
-                               top_m=args.top_m, empty=args.empty, seed=args.seed, batch_size=args.batch_size)
+    settings = settings_from(args)
     settings.check()
     shards = expand_spec(args.shards, "--shards")
     if args.threads:

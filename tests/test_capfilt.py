@@ -17,7 +17,8 @@ from vlp.caption import capfilt_stats
 from vlp.caption.capfilt import CapFilt, CapFiltSettings, _choose
 from vlp.data.tar import tar_entries, tar_samples
 
-SETTINGS = dict(synthetic=2, threshold=None, top_m=2, batch_size=4, max_new_tokens=5)
+# BLIP's filter (ITM scores, images left without a caption dropped); CSLS has its own tests.
+SETTINGS = dict(synthetic=2, score="itm", threshold=None, top_m=2, empty="drop", batch_size=4, max_new_tokens=5)
 
 
 def capfilt(**kw) -> CapFilt:
@@ -147,10 +148,10 @@ def test_keep_rules_threshold_top_m_and_empty_images():
     def kept(c):
         return [x["text"] for x in c if x["kept"]]
     c = cands(0.9, 0.2, 0.6)
-    _choose(c, CapFiltSettings(threshold=0.5), 0.5)
+    _choose(c, CapFiltSettings(threshold=0.5, empty="drop"), 0.5)
     assert kept(c) == ["0", "2"]
     c = cands(0.9, 0.2, 0.6)
-    _choose(c, CapFiltSettings(threshold=0.5, top_m=1), 0.5)
+    _choose(c, CapFiltSettings(threshold=0.5, top_m=1, empty="drop"), 0.5)
     assert kept(c) == ["0"]
     c = cands(0.1, 0.3)
     _choose(c, CapFiltSettings(threshold=0.5, empty="drop"), 0.5)
@@ -235,3 +236,13 @@ def test_the_mixture_threshold_splits_two_populations_between_them():
     assert mixture_threshold([0.2, 0.2, 0.2, 0.2, 0.2]) is None and mixture_threshold([0.1, 0.5]) is None
     with pytest.raises(ValueError, match="threshold must be a number, 'auto'"):
         CapFiltSettings(threshold="half").check()
+
+
+def test_the_command_lines_defaults_are_the_settings_defaults():
+    from pipelines.capfilt import parse_args, settings_from
+
+    args = parse_args(["--model", "m", "--shards", "s.tar", "--out", "o"])
+    assert settings_from(args) == CapFiltSettings()
+    blip = settings_from(parse_args(["--model", "m", "--shards", "s.tar", "--out", "o",
+                                     "--score", "itm", "--threshold", "0.5", "--empty", "drop"]))
+    assert (blip.score, blip.threshold, blip.empty) == ("itm", 0.5, "drop")

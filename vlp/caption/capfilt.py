@@ -57,13 +57,16 @@ class CapFiltSettings:
     synthetic: int = 1            # nucleus captions per image (BLIP: 1)
     top_p: float = 0.9
     max_new_tokens: Optional[int] = None  # None: the model's decoder.max_new_tokens
-    score: str = "itm"            # itm: match probability in [0, 1]; itc: cosine in [-1, 1];
+    # The defaults are the filter measured to work (docs/training.md, CapFilt): BLIP's ITM
+    # filter (score "itm", threshold 0.5, empty "drop") was blind wherever ITM had not left its
+    # constant guess, and any model has ITC; the mixture needs no threshold fitted to a score scale.
+    score: str = "csls"           # itm: match probability in [0, 1]; itc: cosine in [-1, 1];
     #                               csls: the cosine corrected for hubness within the shard
     csls_k: int = 10              # csls: neighbours per image / caption
-    threshold: Optional[float | str] = 0.5  # None: no threshold (top_m alone); "auto": per shard,
+    threshold: Optional[float | str] = "auto"  # None: no threshold (top_m alone); "auto": per shard,
     #                               where a two-Gaussian mixture of its original captions' scores splits
     top_m: int = 0                # keep at most the m best per image (0: no cap)
-    empty: str = "drop"           # an image with no caption kept: drop it, or keep its best
+    empty: str = "best"           # an image with no caption kept: drop it, or keep its best
     seed: int = 0
     batch_size: int = 32          # images per step; part of the settings (it orders sampling)
 
