@@ -67,3 +67,13 @@ def test_report_scores_the_filter_on_the_planted_captions(tmp_path, capsys):
     assert report["wrong_removed"] == wrong_removed / report["planted_found"]
     assert report["sweep"]["0.0"] == {"wrong_removed": 0.0, "right_kept": 1.0, "removal_precision": 0.0}
     assert report["sweep"]["2.0"]["wrong_removed"] == 1.0 and report["sweep"]["2.0"]["right_kept"] == 0.0
+
+
+def test_the_rates_at_a_kept_share_of_right_captions_are_read_off_the_right_scores():
+    right = [(False, float(score), True) for score in range(1, 11)]
+    wrong = [(True, 0.5, True), (True, 3.5, True), (True, 11.0, True)]
+    point = capfilt_noise_report.at_right_kept(right + wrong, 0.9)
+    assert point["threshold"] == 2.0  # keeps 9 of the 10 right captions
+    assert point["right_kept"] == 0.9 and point["wrong_removed"] == 1 / 3
+    assert point["removal_precision"] == 0.5  # removed: the 0.5 planted and the right 1.0
+    assert capfilt_noise_report.at_right_kept(wrong, 0.9) is None

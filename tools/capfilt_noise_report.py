@@ -9,7 +9,9 @@ capfilt/*.dropped.jsonl) and prints one JSON line: planted (wrong) captions remo
 total (`wrong_removed`, the filter's recall on the noise), right captions kept / total
 (`right_kept`), the precision of the removals, and the same two rates had the threshold
 been each of `--sweep` instead (from the recorded scores; top-m and the empty-image rule
-are not replayed there).
+are not replayed there), and, on any score scale, at the thresholds that would keep each
+`--right-kept` share of the right captions (`at_right_kept`: the filter target's operating
+point).
 """
 from __future__ import annotations
 
@@ -49,11 +51,25 @@ def rates(judged: list[tuple[bool, float, bool]]) -> dict:
             "removal_precision": removed_wrong / max(removed_wrong + removed_right, 1)}
 
 
+def at_right_kept(judged: list[tuple[bool, float, bool]], share: float) -> dict | None:
+    """How well the scores separate, on any score scale: the threshold that keeps `share` of
+    the right captions, and the rates there (read off the truth: it describes the filter,
+    it is not a threshold to use)."""
+    right = sorted(score for planted, score, _ in judged if not planted)
+    if not right:
+        return None
+    dropped = int((1 - share) * len(right) + 1e-9)  # (1 - 0.9) * 10 is 0.999...
+    threshold = right[min(dropped, len(right) - 1)]
+    return {"threshold": threshold, **rates([(w, s, s >= threshold) for w, s, _ in judged])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--planted", required=True, type=Path)
     p.add_argument("--filtered", required=True, type=Path)
     p.add_argument("--sweep", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    p.add_argument("--right-kept", type=float, nargs="*", default=[0.9, 0.95],
+                   help="also report the rates at the thresholds that keep these shares of the right captions")
     args = p.parse_args(argv)
     planted = {(row["key"], row["planted"]) for row in map(json.loads, args.planted.read_text().splitlines())}
     judged = [((key, c["text"]) in planted, c["score"], c["kept"]) for key, c in verdicts(args.filtered)]
@@ -63,7 +79,8 @@ def main(argv=None) -> int:
     found = sum(planted_ for planted_, _, _ in judged)
     report = {"original_captions": len(judged), "planted": len(planted), "planted_found": found,
               **rates(judged),
-              "sweep": {str(t): rates([(w, s, s >= t) for w, s, _ in judged]) for t in args.sweep}}
+              "sweep": {str(t): rates([(w, s, s >= t) for w, s, _ in judged]) for t in args.sweep},
+              "at_right_kept": {str(share): at_right_kept(judged, share) for share in args.right_kept}}
     print(json.dumps(report))
     return 0
 
