@@ -33,8 +33,15 @@ def test_steps_within_counts_the_slow_start_as_measured():
     assert bench.steps_within([0.5, 0.5], budget_s=10, skip=0) == 20
 
 
+def test_a_burst_of_slow_steps_does_not_set_the_step_count():
+    times = [5.0, 2.0] + [1.0] * 20 + [8.0] * 5  # another process slowed 5 steps
+    assert bench.steady_step_seconds(times, skip=2) == 1.0
+    assert bench.steps_within(times, budget_s=60, skip=2) == 2 + 53
+
+
 def test_steps_within_short_probe_and_minimum():
     assert bench.steps_within([4.0, 2.0], budget_s=100, skip=3) == 2 + 47  # steady = the last step
+    assert bench.steps_within([1.0, 2.0, 6.0], budget_s=10, skip=0) == 5  # the median, 2 s
     assert bench.steps_within([10.0], budget_s=1, skip=0) == 1
     with pytest.raises(ValueError, match="no step times"):
         bench.steady_step_seconds([], skip=0)

@@ -74,11 +74,14 @@ log = logging.getLogger("bench_recipe")
 # --------------------------------------------------------------------------- budget arithmetic
 
 def steady_step_seconds(step_times: list[float], skip: int) -> float:
-    """Mean step time after the first `skip` steps (start-up: first batch, allocator warm-up)."""
+    """Median step time after the first `skip` steps (start-up: first batch, allocator
+    warm-up). The median, because a burst of slow steps (another process on the machine)
+    in the run it is read from must not set the next run's step count: a mean did, once
+    giving open_clip 301 steps for a 300-s budget and the next seed half that."""
     steady = step_times[skip:] if len(step_times) > skip else step_times[-1:]
     if not steady:
         raise ValueError("no step times to calibrate from")
-    return sum(steady) / len(steady)
+    return statistics.median(steady)
 
 
 def steps_within(step_times: list[float], budget_s: float, skip: int) -> int:
