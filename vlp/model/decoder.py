@@ -6,21 +6,20 @@ each step projects only the new token, where a full forward recomputes the whole
 and re-projects the image tokens in every cross-attention layer."""
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.bert.modeling_bert import BertAttention, BertPredictionHeadTransform
 
-from vlp.model.text import TextTower, causal_mask, init_like_bert, run_layers
+from vlp.model.text import TextTower, causal_mask, init_like_bert, run_layers, trainable_copy
 
 
 class CaptionDecoder(nn.Module):
     def __init__(self, text: TextTower, image_width: int, share_weights: bool):
         super().__init__()
         self.layers = text.decoder_layers(share_weights, image_width)
-        self.embeddings = text.embeddings if share_weights else copy.deepcopy(text.embeddings).requires_grad_(True)
+        self.embeddings = text.embeddings if share_weights else trainable_copy(text.embeddings)
         self.transform = BertPredictionHeadTransform(text.config)
         init_like_bert(self.transform, text.config.initializer_range)
         self.bias = nn.Parameter(torch.zeros(text.config.vocab_size))

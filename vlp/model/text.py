@@ -67,6 +67,12 @@ def init_like_bert(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` that trains even where the original is frozen
+    (`model.text.frozen_layers`): the decoder's own layers are copies."""
+    return copy.deepcopy(module).requires_grad_(True)
+
+
 def new_cross_attention(config: BertConfig, image_width: int) -> BertAttention:
     attention = BertAttention(config, is_cross_attention=True)
     attention.self.key = nn.Linear(image_width, config.hidden_size)
@@ -180,12 +186,11 @@ class TextTower(nn.Module):
         cross_from = len(self.layers) if len(self.fusion) else 0
         built = []
         for index, layer in enumerate(layers):
-            # A copy is the decoder's own and trains even where the encoder's layer is frozen.
-            own = (lambda m: m) if share else (lambda m: copy.deepcopy(m).requires_grad_(True))
+            own = (lambda m: m) if share else trainable_copy
             cross = None
             if index >= cross_from:
                 cross = (own(layer.crossattention) if layer.crossattention is not None
                          else new_cross_attention(self.config, image_width))
-            built.append(CrossLayer(copy.deepcopy(layer.attention).requires_grad_(True), cross,
+            built.append(CrossLayer(trainable_copy(layer.attention), cross,
                                     own(layer.intermediate), own(layer.output)))
         return nn.ModuleList(built)
