@@ -55,6 +55,24 @@ def test_vlp_budget_lets_the_time_decide_and_keeps_the_warmup_share():
         "train.max_minutes=2.5", "train.warmup_fraction=0.2"]
 
 
+def test_variants_are_more_vlp_arms_with_their_own_overrides(tmp_path, capsys):
+    python = tmp_path / "python"
+    python.touch()
+    args = bench.parse_args(["--openclip-python", str(python), "--set", "train.precision=fp32",
+                             "--variant", "late", "loss.itm.start=0.8", "loss.lm.start=0.8",
+                             "--variant", "frozen", "model.text.frozen_layers=2"])
+    assert bench.vlp_arms(args.variant) == [("vlp", []), ("late", ["loss.itm.start=0.8", "loss.lm.start=0.8"]),
+                                            ("frozen", ["model.text.frozen_layers=2"])]
+    b = bench.Bench(args, tmp_path, 300.0, 64, ["train.max_minutes=5"])
+    command = b.vlp_command(tmp_path / "late-seed0", 0, ["loss.itm.start=0.8"])
+    # The variant's overrides come last, so they win over --set and the budget.
+    assert command[-3:] == ["train.max_minutes=5", "train.precision=fp32", "loss.itm.start=0.8"]
+    for clash in (["vlp", "x=1"], ["open_clip"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--openclip-python", str(python), "--variant", *clash])
+        assert "--variant names" in capsys.readouterr().err
+
+
 def test_warmup_steps_fraction():
     assert bench.warmup_steps(300, 0.1) == 30
     assert bench.warmup_steps(4, 0.1) == 1

@@ -24,6 +24,10 @@ Evaluation texts: each val image's first caption (its .txt, the caption open_cli
 reads; vlp also trains on json "captions"). open_clip's embeddings come from
 tools/openclip_embed.py run by --openclip-python.
 
+--variant NAME KEY=VALUE ... (repeatable) trains one more vlp arm per seed, the recipe with
+those overrides, right after the default one and before open_clip: candidate recipes meet the
+same open_clip run on the same machine.
+
 --foils FILE adds a foil test (vlp/foils formats): both arms pick the true caption among its
 foils by ITC (`foils_itc`), and vlp also by FILIP, ITM and the rerank score (`foils_filip`,
 `foils_itm`, `foils_rerank`); per type in results.json. `--classes ''` leaves zero-shot out
@@ -344,21 +348,21 @@ class Bench:
     openclip_batch: int  # vlp's global batch
     vlp_budget: list[str]  # overrides that end the vlp run at the budget (vlp_budget())
 
-    def vlp_command(self, run_dir: Path, seed: int) -> list[str]:
+    def vlp_command(self, run_dir: Path, seed: int, overrides: list[str] = ()) -> list[str]:
         ranks = ["--num_accelerators", str(self.args.vlp_ranks)] if self.args.vlp_ranks > 1 else []
         return [str(BIN / "deepspeed"), *ranks, str(REPO / "pipelines/pretrain.py"),
                 "--config", str(self.args.config), f"output_dir={run_dir}", f"data.train={self.args.train}",
                 "data.val=", f"train.seed={seed}", f"data.seed={seed}", "train.checkpoint_every=0",
-                "train.log_every=1", *self.vlp_budget, *self.args.set]
+                "train.log_every=1", *self.vlp_budget, *self.args.set, *overrides]
 
-    def train_vlp(self, name: str, seed: int) -> dict:
+    def train_vlp(self, name: str, seed: int, arm: str = "vlp", overrides: list[str] = ()) -> dict:
         run_dir = self.work / name
         env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-        wall, _ = run_logged(self.vlp_command(run_dir, seed), self.work / f"{name}.log", env)
+        wall, _ = run_logged(self.vlp_command(run_dir, seed, overrides), self.work / f"{name}.log", env)
         times = vlp_step_times(run_dir)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in records if r["kind"] == "train"][-1]
-        return {"arm": "vlp", "seed": seed, "steps": len(times), "train_seconds": sum(times),
+        return {"arm": arm, "seed": seed, "steps": len(times), "train_seconds": sum(times),
                 "budget_clock_seconds": 60 * last.get("train_minutes", math.nan),
                 "wall_seconds": wall, "step_times": times, "model_dir": str(run_dir / "model")}
 
@@ -423,21 +427,31 @@ def write_openclip_model(models: Path, cfg) -> None:
     (models / f"{OPENCLIP_NAME}.json").write_text(json.dumps(spec))
 
 
+def vlp_arms(variants: list[list[str]] | None) -> list[tuple[str, list[str]]]:
+    """("vlp", []) and one (NAME, overrides) per `--variant NAME KEY=VALUE ...`."""
+    arms = [("vlp", [])] + [(v[0], v[1:]) for v in variants or []]
+    names = [name for name, _ in arms]
+    if len(set(names)) < len(names) or "open_clip" in names:
+        raise ValueError(f"--variant names must be unique and not vlp or open_clip: {names}")
+    return arms
+
+
 def run_seeds(bench: Bench, sets: tuple[EvalSet, EvalSet | None, dict, FoilEval | None], n_classes: int,
               results: dict, save) -> None:
-    """vlp seed s, then open_clip seed s, each scored right after it trains."""
+    """vlp seed s (then each --variant's), then open_clip seed s, each scored right after it trains."""
     val, zeroshot, prompts, foils = sets
     labels = torch.tensor(zeroshot.labels) if zeroshot is not None else None
     args = bench.args
     precision, openclip_times, results["openclip_probe"] = bench.probe_openclip()
     results["openclip_precision"] = precision
     for seed in args.seeds:
-        run = bench.train_vlp(f"vlp-seed{seed}", seed)
-        model_dir = Path(run["model_dir"])
-        run["metrics"] = score(vlp_embeddings(model_dir, val, zeroshot, prompts, foils), labels, n_classes, foils)
-        if foils is not None:
-            run["metrics"].update(vlp_foil_scorers(model_dir, foils))
-        save(run)
+        for arm, overrides in vlp_arms(args.variant):
+            run = bench.train_vlp(f"{arm}-seed{seed}", seed, arm, overrides)
+            model_dir = Path(run["model_dir"])
+            run["metrics"] = score(vlp_embeddings(model_dir, val, zeroshot, prompts, foils), labels, n_classes, foils)
+            if foils is not None:
+                run["metrics"].update(vlp_foil_scorers(model_dir, foils))
+            save(run)
         steps = steps_within(openclip_times, bench.budget_s, args.probe_skip)
         run = bench.train_openclip(f"openclip-seed{seed}", seed, steps, precision)
         emb = openclip_embeddings(args.openclip_python, bench.work / "openclip-models", Path(run["checkpoint"]),
@@ -481,6 +495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--foils-images", help="root of the foil file's relative image paths (default: its folder)")
     p.add_argument("--config", type=Path, default=REPO / "configs/demo.yaml", help="the vlp recipe")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the vlp arm")
+    p.add_argument("--variant", nargs="+", action="append", metavar="NAME KEY=VALUE",
+                   help="one more vlp arm, trained after the default one on each seed: the recipe with "
+                        "these overrides on top of --set (repeatable)")
     p.add_argument("--vlp-ranks", type=int, default=1, help="vlp ranks (deepspeed --num_accelerators)")
     p.add_argument("--budget-minutes", type=float, default=5.0, help="training time of each arm")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -494,6 +511,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "runs/bench_recipe", help="a folder per invocation (its start time) holds runs, logs and results")
     args = p.parse_args(argv)
     args.zeroshot = args.zeroshot or args.val
+    try:
+        vlp_arms(args.variant)
+    except ValueError as err:
+        p.error(str(err))
     if not Path(args.openclip_python).is_file():
         p.error(f"no open_clip python at {args.openclip_python}; create the virtualenv (from the repository "
                 f"root) with:\n    {VENV_RECIPE}\nor pass --openclip-python PATH")
@@ -513,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.set)
+        for _, overrides in vlp_arms(args.variant)[1:]:
+            load_config(args.config, [*args.set, *overrides])  # a bad key fails now, not after hours
         classes = load_classes(args.classes) if args.classes else None
         val = load_eval_set(cfg.data, args.val)
         zeroshot = (load_eval_set(cfg.data, args.zeroshot, args.label_field, classes.index())
@@ -525,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     write_openclip_model(work / "openclip-models", cfg)
     results = {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
                "budget_minutes": args.budget_minutes, "config": str(args.config), "vlp_overrides": args.set,
+               "vlp_variants": {name: overrides for name, overrides in vlp_arms(args.variant)[1:]},
                "train": args.train, "val": args.val,
                "zeroshot": args.zeroshot, "label_field": args.label_field, "classes": args.classes,
                "val_images": len(val.keys), "zeroshot_images": len(zeroshot.keys) if zeroshot else 0,
