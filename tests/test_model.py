@@ -137,7 +137,8 @@ def test_lm_batch_fraction_captions_part_of_the_training_batch_and_all_of_the_va
     cfg.loss.lm.batch_fraction = 0.5
     model = build_model(cfg)
     rows = []
-    model.decoder.layers[0].register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    # A layer sees packed tokens and their layout; the layout knows the batch rows.
+    model.decoder.layers[0].register_forward_pre_hook(lambda _m, args: rows.append(args[1].batch))
     batch = tiny_batch(b=5)
     torch.manual_seed(1)  # same dropout draws for the same decoder shapes
     part = model(batch)["lm"]
@@ -272,6 +273,52 @@ def test_trailing_padding_does_not_change_the_text_path(pooling):
         torch.testing.assert_close(model.encode_text(ids, mask), model.encode_text(longer_ids, longer_mask))
         torch.testing.assert_close(model.itm_scores(ids, mask, images=batch["image"]),
                                    model.itm_scores(longer_ids, longer_mask, images=batch["image"]))
+
+
+def test_packed_text_path_equals_the_padded_bert_forward(tmp_path):
+    """The text layers run on the real tokens only (TokenLayout); at every real position the
+    states equal BERT's own padded forward, and padding comes back as zeros."""
+    bert = _save_tiny_bert(tmp_path / "bert").eval()
+    tiny_tokenizer(tmp_path / "bert")
+    cfg = tiny_cfg()
+    cfg.model.text.pretrained, cfg.model.text.fusion_placement = str(tmp_path / "bert"), "stack"
+    model = build_model(cfg).eval()
+    batch = tiny_batch(b=4, length=7)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert not mask.all()
+    with torch.no_grad():
+        ours = model.text.encode(ids, mask)
+        want = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], want[real], rtol=1e-4, atol=1e-5)
+    assert (ours[~real] == 0).all()
+
+
+def _padded_layers(layers, hidden, mask4d, image_states):
+    """The layers' forward on every position, through HF's own BertAttention modules."""
+    for layer in layers:
+        hidden = layer.attention(hidden, attention_mask=mask4d)[0]
+        if layer.crossattention is not None:
+            hidden = layer.crossattention(hidden, encoder_hidden_states=image_states)[0]
+        hidden = layer.output(layer.intermediate(hidden), hidden)
+    return hidden
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_fusion_and_decoder_layers_equal_their_padded_forward(causal):
+    from vlp.model.text import TokenLayout, run_layers
+    model = build_model(tiny_cfg(itm=1.0, lm=1.0)).eval()
+    layers = model.decoder.layers if causal else model.text.fusion
+    batch = tiny_batch(b=4, length=7)
+    mask = batch["attention_mask"]
+    layout = TokenLayout(mask, causal=causal)
+    g = torch.Generator().manual_seed(1)
+    hidden, image_states = torch.randn(4, 7, 32, generator=g), torch.randn(4, 5, 32, generator=g)
+    with torch.no_grad():
+        ours = run_layers(layers, hidden, layout, image_states, use_checkpoint=False)
+        want = _padded_layers(layers, hidden, layout.mask, image_states)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], want[real], rtol=1e-4, atol=1e-5)
 
 
 def test_mean_pooling_averages_the_real_tokens_only():

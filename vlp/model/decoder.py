@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.bert.modeling_bert import BertAttention, BertPredictionHeadTransform
 
-from vlp.model.text import TextTower, causal_mask, init_like_bert, run_layers, trainable_copy
+from vlp.model.text import TextTower, TokenLayout, attend, init_like_bert, run_layers, split_heads, trainable_copy
 
 
 class CaptionDecoder(nn.Module):
@@ -42,7 +42,7 @@ class CaptionDecoder(nn.Module):
         input_ids = input_ids.clone()
         input_ids[:, 0] = self.dec_token_id
         hidden = self.embeddings(input_ids=input_ids)
-        return run_layers(self.layers, hidden, causal_mask(attention_mask),
+        return run_layers(self.layers, hidden, TokenLayout(attention_mask, causal=True),
                           image_states.to(hidden.dtype), self.grad_checkpointing)
 
     # ------------------------------------------------------------------ cached generation
@@ -58,11 +58,11 @@ class CaptionDecoder(nn.Module):
         hidden = self.embeddings(input_ids=tokens[:, None], past_key_values_length=cache.length)
         for index, layer in enumerate(self.layers):
             own = layer.attention.self
-            keys, values = cache.append(index, _split_heads(own.key(hidden), own),
-                                        _split_heads(own.value(hidden), own))
-            hidden = _attend(layer.attention, hidden, keys, values)
+            keys, values = cache.append(index, split_heads(own.key(hidden), own),
+                                        split_heads(own.value(hidden), own))
+            hidden = _attend_new_token(layer.attention, hidden, keys, values)
             if layer.crossattention is not None:
-                hidden = _attend(layer.crossattention, hidden, *cache.cross[index])
+                hidden = _attend_new_token(layer.crossattention, hidden, *cache.cross[index])
             hidden = layer.output(layer.intermediate(hidden), hidden)
         cache.length += 1
         return self.logits(hidden[:, 0])
@@ -80,8 +80,8 @@ class DecoderCache:
         self.keys = image_states.new_zeros(len(decoder.layers), batch, heads, max_length, size)
         self.values = torch.zeros_like(self.keys)
         self.cross = [None if layer.crossattention is None else
-                      (_split_heads(layer.crossattention.self.key(image_states), layer.crossattention.self),
-                       _split_heads(layer.crossattention.self.value(image_states), layer.crossattention.self))
+                      (split_heads(layer.crossattention.self.key(image_states), layer.crossattention.self),
+                       split_heads(layer.crossattention.self.value(image_states), layer.crossattention.self))
                       for layer in decoder.layers]
         self.length = 0
 
@@ -101,17 +101,9 @@ class DecoderCache:
         self.values = self.values[:, rows]
 
 
-def _split_heads(x: torch.Tensor, attention) -> torch.Tensor:
-    """[B, T, heads·size] -> [B, heads, T, size]."""
-    return x.view(x.shape[0], x.shape[1], attention.num_attention_heads,
-                  attention.attention_head_size).transpose(1, 2)
-
-
-def _attend(attention: BertAttention, hidden: torch.Tensor, keys: torch.Tensor,
-            values: torch.Tensor) -> torch.Tensor:
-    """BertAttention's forward for queries from `hidden` over given keys/values: no mask,
+def _attend_new_token(attention: BertAttention, hidden: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor) -> torch.Tensor:
+    """BertAttention's forward for the new token's query over given keys/values: no mask,
     because a new token may attend to every cached position and every image token."""
-    own = attention.self
-    context = F.scaled_dot_product_attention(_split_heads(own.query(hidden), own), keys, values,
-                                             scale=own.scaling)
-    return attention.output(context.transpose(1, 2).reshape(hidden.shape), hidden)
+    context = attend(attention, split_heads(attention.self.query(hidden), attention.self), keys, values)
+    return attention.output(context, hidden)

@@ -11,6 +11,7 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel
@@ -81,20 +82,54 @@ def new_cross_attention(config: BertConfig, image_width: int) -> BertAttention:
     return attention
 
 
-def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] 1/0 -> bool [B, 1, 1, L], True = may attend (SDPA convention)."""
-    return attention_mask.bool()[:, None, None, :]
+class TokenLayout:
+    """Where the real tokens of a padded `[B, L]` batch are. Captions are padded to the
+    longest in the batch, so about half of a batch's positions are padding (demo: 50%); the
+    layers run their projections, FFNs and layer norms on the real tokens only, packed as
+    `[N, H]`, and unpack them to `[B, heads, L, size]` just for attention. Padding never
+    reaches a real token (it is masked as a key), so the result equals the padded forward."""
+
+    def __init__(self, attention_mask: torch.Tensor, causal: bool = False):
+        self.batch, self.length = attention_mask.shape
+        keep = attention_mask.bool()
+        self.index = None if keep.all() else keep.flatten().nonzero().squeeze(1)
+        self.mask = keep[:, None, None, :]  # True = may attend (SDPA convention)
+        if causal:
+            lower = torch.ones(self.length, self.length, dtype=torch.bool, device=keep.device).tril()
+            self.mask = self.mask & lower[None, None]
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """`[B, L, H]` -> `[N, H]`, the real tokens."""
+        flat = padded.reshape(self.batch * self.length, -1)
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """`[N, H]` -> `[B, L, H]`, zeros at padding."""
+        if self.index is not None:
+            packed = packed.new_zeros(self.batch * self.length, packed.shape[1]).index_copy(0, self.index, packed)
+        return packed.view(self.batch, self.length, -1)
 
 
-def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    length = attention_mask.shape[1]
-    lower = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    return padding_mask(attention_mask) & lower[None, None]
+def split_heads(x: torch.Tensor, attention) -> torch.Tensor:
+    """[B, T, heads·size] -> [B, heads, T, size]."""
+    return x.view(x.shape[0], x.shape[1], attention.num_attention_heads,
+                  attention.attention_head_size).transpose(1, 2)
+
+
+def attend(attention: BertAttention, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BertAttention's core over split heads: `[B, heads, T, size]` -> `[B, T, heads·size]`."""
+    own = attention.self
+    dropout = own.dropout.p if own.training else 0.0
+    context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout,
+                                             scale=own.scaling)
+    return context.transpose(1, 2).reshape(queries.shape[0], queries.shape[2], -1)
 
 
 class CrossLayer(nn.Module):
-    """Self-attention, then (optionally) cross-attention to image tokens, then the FFN.
-    Fusion layers use a bidirectional self-attention mask, decoder layers a causal one."""
+    """Self-attention, then (optionally) cross-attention to image tokens, then the FFN, on
+    packed tokens (`TokenLayout`). Fusion layers use a bidirectional self-attention mask,
+    decoder layers a causal one."""
 
     def __init__(self, attention: BertAttention, crossattention: BertAttention | None,
                  intermediate: nn.Module, output: nn.Module):
@@ -102,21 +137,32 @@ class CrossLayer(nn.Module):
         self.attention, self.crossattention = attention, crossattention
         self.intermediate, self.output = intermediate, output
 
-    def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, layout: TokenLayout,
                 image_states: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.attention(hidden, attention_mask=self_mask)[0]
+        own = self.attention.self
+        queries, keys, values = (split_heads(layout.unpack(project(hidden)), own)
+                                 for project in (own.query, own.key, own.value))
+        context = layout.pack(attend(self.attention, queries, keys, values, layout.mask))
+        hidden = self.attention.output(context, hidden)
         if self.crossattention is not None:
-            hidden = self.crossattention(hidden, encoder_hidden_states=image_states)[0]
+            cross = self.crossattention.self
+            queries = split_heads(layout.unpack(cross.query(hidden)), cross)
+            context = attend(self.crossattention, queries, split_heads(cross.key(image_states), cross),
+                             split_heads(cross.value(image_states), cross))
+            hidden = self.crossattention.output(layout.pack(context), hidden)
         return self.output(self.intermediate(hidden), hidden)
 
 
-def run_layers(layers, hidden, mask, image_states, use_checkpoint: bool) -> torch.Tensor:
+def run_layers(layers, hidden: torch.Tensor, layout: TokenLayout, image_states: torch.Tensor | None,
+               use_checkpoint: bool) -> torch.Tensor:
+    """`[B, L, H]` through `layers` on the real tokens only; padding comes back as zeros."""
+    hidden = layout.pack(hidden)
     for layer in layers:
         if use_checkpoint and torch.is_grad_enabled():
-            hidden = checkpoint(layer, hidden, mask, image_states, use_reentrant=False)
+            hidden = checkpoint(layer, hidden, layout, image_states, use_reentrant=False)
         else:
-            hidden = layer(hidden, mask, image_states)
-    return hidden
+            hidden = layer(hidden, layout, image_states)
+    return layout.unpack(hidden)
 
 
 class TextTower(nn.Module):
@@ -167,14 +213,14 @@ class TextTower(nn.Module):
                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         # inputs_embeds: word embeddings given directly (learned prompt context, CoOp).
         hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
-        return run_layers(self.layers, hidden, padding_mask(attention_mask), None, self.grad_checkpointing)
+        return run_layers(self.layers, hidden, TokenLayout(attention_mask), None, self.grad_checkpointing)
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
              image_states: torch.Tensor) -> torch.Tensor:
         if not len(self.fusion):
             raise ValueError("this model has no fusion layers (model.text.fusion_layers: 0)")
         image_states = image_states.to(text_states.dtype)
-        return run_layers(self.fusion, text_states, padding_mask(attention_mask), image_states,
+        return run_layers(self.fusion, text_states, TokenLayout(attention_mask), image_states,
                           self.grad_checkpointing)
 
     def decoder_layers(self, share: bool, image_width: int) -> nn.ModuleList:
