@@ -45,7 +45,8 @@ SETTINGS = {
     # NegCLIP-style caption negatives for half the batch: an extra text-tower pass, extra ITC /
     # FILIP columns and extra ITM pairs (issue 14 budgets their cost at 15% of "all").
     "all+negatives": (1, ALL + ["loss.text_negatives.fraction=0.5"]),
-    # The pretrained text tower's embeddings and bottom 4 of 6 layers locked: no backward there.
+    # The text tower's embeddings and its four layers below the fusion layers locked (the demo
+    # locks the first): no backward there.
     "all+frozen-text": (1, ALL + ["model.text.frozen_layers=4"]),
     "itc-fp32": (1, ITC_ONLY + ["train.precision=fp32"]),
     "all-fp32": (1, ALL + ["train.precision=fp32"]),
