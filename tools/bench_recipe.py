@@ -445,7 +445,7 @@ def run_seeds(bench: Bench, sets: tuple[EvalSet, EvalSet | None, dict, FoilEval 
     precision, openclip_times, results["openclip_probe"] = bench.probe_openclip()
     results["openclip_precision"] = precision
     for seed in args.seeds:
-        for arm, overrides in vlp_arms(args.variant):
+        for arm, overrides in args.arms:
             run = bench.train_vlp(f"{arm}-seed{seed}", seed, arm, overrides)
             model_dir = Path(run["model_dir"])
             run["metrics"] = score(vlp_embeddings(model_dir, val, zeroshot, prompts, foils), labels, n_classes, foils)
@@ -512,7 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.zeroshot = args.zeroshot or args.val
     try:
-        vlp_arms(args.variant)
+        args.arms = vlp_arms(args.variant)
     except ValueError as err:
         p.error(str(err))
     if not Path(args.openclip_python).is_file():
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.set)
-        for _, overrides in vlp_arms(args.variant)[1:]:
+        for _, overrides in args.arms[1:]:
             load_config(args.config, [*args.set, *overrides])  # a bad key fails now, not after hours
         classes = load_classes(args.classes) if args.classes else None
         val = load_eval_set(cfg.data, args.val)
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     write_openclip_model(work / "openclip-models", cfg)
     results = {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
                "budget_minutes": args.budget_minutes, "config": str(args.config), "vlp_overrides": args.set,
-               "vlp_variants": {name: overrides for name, overrides in vlp_arms(args.variant)[1:]},
+               "vlp_variants": dict(args.arms[1:]),
                "train": args.train, "val": args.val,
                "zeroshot": args.zeroshot, "label_field": args.label_field, "classes": args.classes,
                "val_images": len(val.keys), "zeroshot_images": len(zeroshot.keys) if zeroshot else 0,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.bert.modeling_bert import BertAttention, BertPredictionHeadTransform
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
-from vlp.model.text import TextTower, TokenLayout, attend, init_like_bert, run_layers, split_heads, trainable_copy
+from vlp.model.text import TextTower, TokenLayout, attend_from, init_like_bert, keys_values, run_layers, trainable_copy
 
 
 class CaptionDecoder(nn.Module):
@@ -57,12 +57,11 @@ class CaptionDecoder(nn.Module):
         whole prefix with an all-ones mask, the way generation calls it."""
         hidden = self.embeddings(input_ids=tokens[:, None], past_key_values_length=cache.length)
         for index, layer in enumerate(self.layers):
-            own = layer.attention.self
-            keys, values = cache.append(index, split_heads(own.key(hidden), own),
-                                        split_heads(own.value(hidden), own))
-            hidden = _attend_new_token(layer.attention, hidden, keys, values)
+            # No mask: the new token may attend to every cached position and every image token.
+            keys, values = cache.append(index, *keys_values(layer.attention, hidden))
+            hidden = attend_from(layer.attention, hidden, keys, values)
             if layer.crossattention is not None:
-                hidden = _attend_new_token(layer.crossattention, hidden, *cache.cross[index])
+                hidden = attend_from(layer.crossattention, hidden, *cache.cross[index])
             hidden = layer.output(layer.intermediate(hidden), hidden)
         cache.length += 1
         return self.logits(hidden[:, 0])
@@ -79,9 +78,7 @@ class DecoderCache:
         image_states = image_states.to(dtype)
         self.keys = image_states.new_zeros(len(decoder.layers), batch, heads, max_length, size)
         self.values = torch.zeros_like(self.keys)
-        self.cross = [None if layer.crossattention is None else
-                      (split_heads(layer.crossattention.self.key(image_states), layer.crossattention.self),
-                       split_heads(layer.crossattention.self.value(image_states), layer.crossattention.self))
+        self.cross = [None if layer.crossattention is None else keys_values(layer.crossattention, image_states)
                       for layer in decoder.layers]
         self.length = 0
 
@@ -100,10 +97,3 @@ class DecoderCache:
         self.keys = self.keys[:, rows]
         self.values = self.values[:, rows]
 
-
-def _attend_new_token(attention: BertAttention, hidden: torch.Tensor, keys: torch.Tensor,
-                      values: torch.Tensor) -> torch.Tensor:
-    """BertAttention's forward for the new token's query over given keys/values: no mask,
-    because a new token may attend to every cached position and every image token."""
-    context = attend(attention, split_heads(attention.self.query(hidden), attention.self), keys, values)
-    return attention.output(context, hidden)

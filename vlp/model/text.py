@@ -126,6 +126,23 @@ def attend(attention: BertAttention, queries: torch.Tensor, keys: torch.Tensor, 
     return context.transpose(1, 2).reshape(queries.shape[0], queries.shape[2], -1)
 
 
+def keys_values(attention: BertAttention, states: torch.Tensor, layout: TokenLayout | None = None):
+    """Keys and values `[B, heads, S, size]` of `states` (packed tokens when `layout` is given)."""
+    own = attention.self
+    return tuple(split_heads(layout.unpack(project(states)) if layout else project(states), own)
+                 for project in (own.key, own.value))
+
+
+def attend_from(attention: BertAttention, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                layout: TokenLayout | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BertAttention's forward for queries from `hidden` (packed tokens when `layout` is given)
+    over given keys/values: attention, output projection, residual and layer norm."""
+    own = attention.self
+    queries = split_heads(layout.unpack(own.query(hidden)) if layout else own.query(hidden), own)
+    context = attend(attention, queries, keys, values, mask)
+    return attention.output(layout.pack(context) if layout else context, hidden)
+
+
 class CrossLayer(nn.Module):
     """Self-attention, then (optionally) cross-attention to image tokens, then the FFN, on
     packed tokens (`TokenLayout`). Fusion layers use a bidirectional self-attention mask,
@@ -139,17 +156,11 @@ class CrossLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, layout: TokenLayout,
                 image_states: torch.Tensor | None = None) -> torch.Tensor:
-        own = self.attention.self
-        queries, keys, values = (split_heads(layout.unpack(project(hidden)), own)
-                                 for project in (own.query, own.key, own.value))
-        context = layout.pack(attend(self.attention, queries, keys, values, layout.mask))
-        hidden = self.attention.output(context, hidden)
+        hidden = attend_from(self.attention, hidden, *keys_values(self.attention, hidden, layout),
+                             layout, layout.mask)
         if self.crossattention is not None:
-            cross = self.crossattention.self
-            queries = split_heads(layout.unpack(cross.query(hidden)), cross)
-            context = attend(self.crossattention, queries, split_heads(cross.key(image_states), cross),
-                             split_heads(cross.value(image_states), cross))
-            hidden = self.crossattention.output(layout.pack(context), hidden)
+            hidden = attend_from(self.crossattention, hidden, *keys_values(self.crossattention, image_states),
+                                 layout)
         return self.output(self.intermediate(hidden), hidden)
 
 
