@@ -79,6 +79,7 @@ def test_exponent_without_a_dot_is_a_float():
 @pytest.mark.parametrize("override, key", [
     ("train.precision=fp8", "train.precision"),
     ("model.text.pooling=max", "model.text.pooling"),  # a choice three levels down
+    ("data.train_captions=txt", "data.train_captions"),
 ])
 def test_value_outside_its_choices_names_the_key_and_the_choices(override, key):
     with pytest.raises(ConfigError, match=rf"'{key}' must be one of"):

@@ -188,6 +188,8 @@ def test_train_batches_format_and_multi_caption_choice(tmp_path, tokenizer):
     assert pixels[0].mean() > 200 and pixels[1:].mean() < 40
     texts = [t for batch in list(loader) + batches for t in batch["text"]]
     assert any(t.startswith("alt") for t in texts) and any(t.startswith("caption") for t in texts)
+    first_only = train_loader(cfg_for(spec, max_len=10, image_size=16, train_captions="first"), tokenizer)
+    assert all(t.startswith("caption") for batch in first_only for t in batch["text"])
 
 
 def test_train_seeds_per_rank_worker_and_epoch(tmp_path):

@@ -40,6 +40,10 @@ class DataConfig:
     # Off by default: captions say "left"/"right", a flip would make them lies.
     hflip: bool = False
     max_len: int = 32
+    # Which caption a training step reads for an image: "all" draws one at random from the
+    # .txt and the json "captions" (extra phrasings as augmentation); "first" reads the .txt
+    # (else the first json caption) every time, as open_clip's trainer does.
+    train_captions: str = "all"
     # Pixel budget per image, after JPEG's reduced-scale decoding; checked from the header
     # before decoding. Larger images are counted skips (`image_too_large`); 0: no budget.
     max_image_pixels: int = 40_000_000
@@ -228,6 +232,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.train_captions": ("all", "first"),
     "model.text.pooling": ("cls", "mean"),
     "model.text.fusion_placement": ("replace", "stack"),
     "loss.weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),

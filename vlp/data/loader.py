@@ -310,7 +310,8 @@ class _Batch:
             "image_id": np.array([image_id(k) for k in keys], dtype=np.int64),
         }
         if self.train:
-            texts = [rng.choice(s["captions"]) for s in samples]
+            pick = rng.choice if self.cfg.train_captions == "all" else (lambda captions: captions[0])
+            texts = [pick(s["captions"]) for s in samples]
             batch["image"], texts = mixgen(images, texts, self.cfg.mixgen_prob, self.cfg.mixgen_lambda, rng)
         else:
             texts = [c for s in samples for c in s["captions"]]
