@@ -146,6 +146,15 @@ def test_filip_chunking_and_precision():
         torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
 
 
+def test_filip_precision_auto_follows_the_precision_the_run_stores_weights_in():
+    from vlp.config import LossConfig
+    from vlp.losses.filip import Filip, FilipOptions
+    auto, fixed = (Filip(FilipOptions(precision=p), LossConfig()) for p in ("auto", "fp32"))
+    assert auto.similarity_dtype() == torch.float32
+    assert auto.to(torch.bfloat16).similarity_dtype() == torch.bfloat16  # as DeepSpeed's bf16 does
+    assert fixed.to(torch.bfloat16).similarity_dtype() == torch.float32
+
+
 def test_filip_token_selection_keeps_the_best_matching_tokens():
     img, txt, mask = unit(3, 8, 8, seed=16), unit(3, 6, 8, seed=17), random_mask(3, 6, seed=18)
     image_index, text_index, kept_mask = select_tokens(img, txt, mask, 0.25, chunk=2)

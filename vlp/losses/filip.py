@@ -112,15 +112,17 @@ def negative_scores(image_tokens: torch.Tensor, tokens: torch.Tensor, mask: torc
 
 @dataclass
 class FilipOptions(ObjectiveOptions):
-    # Token similarities in this dtype, this many texts at a time.
-    precision: str = "bf16"
+    # Token similarities in this dtype, this many texts at a time. "auto": the run's
+    # precision (bf16 in a bf16 run; fp32 in an fp32 run, where bf16 similarities cost a CPU
+    # without bf16 instructions more, not less, and in fp32 inference).
+    precision: str = "auto"
     chunk: int = 64
     # Fraction of image/text tokens kept (by similarity) before the gather; FILIP §3.1.2.
     token_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.precision not in DTYPES:
-            raise ConfigError(f"config key 'loss.filip.precision' must be one of {tuple(DTYPES)}, "
+        if self.precision != "auto" and self.precision not in DTYPES:
+            raise ConfigError(f"config key 'loss.filip.precision' must be one of {('auto', *DTYPES)}, "
                               f"got {self.precision!r}")
         if not 0.0 < self.token_fraction <= 1.0:
             raise ConfigError("config key 'loss.filip.token_fraction' must be in (0, 1]")
@@ -136,7 +138,11 @@ class Filip(Objective):
     def __init__(self, options: FilipOptions, loss_cfg) -> None:
         super().__init__(options, loss_cfg)
         self.scale = LearnableScale(1.0 / loss_cfg.init_temperature, loss_cfg.max_logit_scale)
-        self.dtype = DTYPES[options.precision]
+        self.fixed_dtype = DTYPES.get(options.precision)  # None: "auto"
+
+    def similarity_dtype(self) -> torch.dtype:
+        # The run's precision is the dtype the engine stored this module's weights in.
+        return self.fixed_dtype or self.scale.log_scale.dtype
 
     def logit_scale(self) -> torch.Tensor:
         return self.scale()
@@ -145,7 +151,7 @@ class Filip(Objective):
         scale = self.scale()
         negatives = features.negative_text_tokens
         out = filip_loss(features.image_tokens, features.text_tokens, features.attention_mask, scale,
-                         self.options.token_fraction, self.options.chunk, self.dtype,
+                         self.options.token_fraction, self.options.chunk, self.similarity_dtype(),
                          None if negatives is None else (negatives, features.negative_mask))
         out["logit_scale"] = scale.detach()
         return out

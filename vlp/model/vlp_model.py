@@ -204,7 +204,8 @@ class VLPModel(nn.Module):
         """(i2t, t2i) token-wise similarities, both `[B_img, B_txt]` (unscaled)."""
         self._require_filip()
         filip = self.objectives["filip"]
-        return filip_similarity(image_tokens, text_tokens, text_mask, filip.options.chunk, filip.dtype)
+        return filip_similarity(image_tokens, text_tokens, text_mask, filip.options.chunk,
+                                filip.similarity_dtype())
 
     def itm_scores(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                    images: torch.Tensor | None = None, *,
