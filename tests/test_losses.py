@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.losses import (IGNORE, caption_loss, contrastive_loss, filip_loss, sigmoid_loss,
+from vlp.config import LossConfig
+from vlp.losses import (IGNORE, Filip, caption_loss, contrastive_loss, filip_loss, sigmoid_loss,
                         filip_similarity, itm_loss, lm_targets, sample_hard_negatives, select_tokens)
 
 
@@ -147,9 +148,7 @@ def test_filip_chunking_and_precision():
 
 
 def test_filip_precision_auto_follows_the_precision_the_run_stores_weights_in():
-    from vlp.config import LossConfig
-    from vlp.losses.filip import Filip, FilipOptions
-    auto, fixed = (Filip(FilipOptions(precision=p), LossConfig()) for p in ("auto", "fp32"))
+    auto, fixed = (Filip(Filip.Options(precision=p), LossConfig()) for p in ("auto", "fp32"))
     assert auto.similarity_dtype() == torch.float32
     assert auto.to(torch.bfloat16).similarity_dtype() == torch.bfloat16  # as DeepSpeed's bf16 does
     assert fixed.to(torch.bfloat16).similarity_dtype() == torch.float32

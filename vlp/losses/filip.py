@@ -121,8 +121,9 @@ class FilipOptions(ObjectiveOptions):
     token_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.precision != "auto" and self.precision not in DTYPES:
-            raise ConfigError(f"config key 'loss.filip.precision' must be one of {('auto', *DTYPES)}, "
+        allowed = ("auto", *DTYPES)
+        if self.precision not in allowed:
+            raise ConfigError(f"config key 'loss.filip.precision' must be one of {allowed}, "
                               f"got {self.precision!r}")
         if not 0.0 < self.token_fraction <= 1.0:
             raise ConfigError("config key 'loss.filip.token_fraction' must be in (0, 1]")
