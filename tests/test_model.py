@@ -112,6 +112,25 @@ def test_fusion_layers_zero_has_no_cross_attention_parameters():
     assert cross == {"text.fusion.0"}
 
 
+def test_fusion_layers_without_itm_build_no_itm_head_and_old_model_dirs_still_load(tmp_path):
+    """Fusion layers may serve the decoder alone; an ITM head ITM never trained would score
+    foils and rerank retrieval with noise, so none is built, and scorers leave ITM out."""
+    from vlp.foils import scorers_of
+    cfg = tiny_cfg(itm=0.0)
+    model = build_model(cfg)
+    assert model.itm_head is None and not model.has_itm and len(model.text.fusion) == 1
+    assert scorers_of(model) == ("itc", "filip")
+    with pytest.raises(ValueError, match="loss.itm: 0"):
+        model.itm_scores(tiny_batch()["input_ids"], tiny_batch()["attention_mask"], images=tiny_batch()["image"])
+    # A model dir an earlier vlp saved from such a run holds an (untrained) ITM head: dropped.
+    from vlp.model import add_decoder_token
+    tokenizer = tiny_tokenizer(tmp_path)
+    add_decoder_token(tokenizer, model.text.dec_token_id)
+    save_model_dir(build_model(tiny_cfg()), cfg, tokenizer, tmp_path / "old")
+    loaded, _, _ = load_model_dir(tmp_path / "old")
+    assert not loaded.has_itm
+
+
 @pytest.mark.parametrize("b", [1, 2])
 def test_itm_works_at_batch_one_and_two(b):
     torch.manual_seed(0)

@@ -199,3 +199,35 @@ def test_unknown_hard_negative_kind_is_a_config_error():
     cfg.loss.text_negatives.kinds = ["swap_objects", "negate"]
     with pytest.raises(Exception, match="loss.text_negatives.kinds"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("name", ["itm", "lm"])
+def test_without_tower_gradients_an_objective_trains_only_its_own_layers(name):
+    """loss.<itm|lm>.tower_gradients: false: the same loss, and its gradient reaches the
+    fusion layers / decoder but no parameter of the towers."""
+    def grads(tower_gradients: bool) -> tuple[float, set[str]]:
+        torch.manual_seed(0)
+        cfg = tiny_cfg(**{"itc": 0.0, "filip": 0.0, "itm": 0.0, "lm": 0.0, name: 1.0})
+        cfg.model.decoder.share_weights = False
+        cfg.loss.objectives[name].tower_gradients = tower_gradients
+        model = build_model(cfg)
+        out = model(tiny_batch(b=4))
+        out[name].backward()
+        return out[name].item(), {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    loss, trained = grads(False)
+    full_loss, full = grads(True)
+    assert loss == pytest.approx(full_loss)
+    towers = ("vision.", "text.layers.", "image_proj", "text_proj")
+    assert any(n.startswith(towers) for n in full)
+    assert trained and not any(n.startswith(towers) for n in trained), sorted(trained)
+    own = ("text.fusion.", "itm_head.") if name == "itm" else ("decoder.",)
+    assert all(n.startswith(own) for n in trained), sorted(trained)
+
+
+def test_a_decoder_sharing_the_text_layers_cannot_keep_the_captioning_loss_out_of_them():
+    from vlp.config import ConfigError
+    cfg = tiny_cfg()
+    cfg.loss.lm.tower_gradients = False
+    with pytest.raises(ConfigError, match="model.decoder.share_weights: false"):
+        build_model(cfg)

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model, cfg, tokenizer = load_model_dir(args.model)
     if not model.has_itm:
-        sys.exit(f"probe_itm: {args.model} has no fusion layers / ITM head (model.text.fusion_layers: 0)")
+        sys.exit(f"probe_itm: {args.model} has no ITM head (trained with loss.itm: 0)")
     started = time.perf_counter()
     train = cache_split(model, cfg, tokenizer, args.train or cfg.data.train)
     val = cache_split(model, cfg, tokenizer, args.val or cfg.data.val)

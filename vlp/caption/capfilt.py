@@ -112,7 +112,7 @@ class CapFilt:
         if not model.has_decoder:
             raise ValueError("CapFilt needs a captioning decoder (model.decoder.enabled: true)")
         if settings.score == "itm" and not model.has_itm:
-            raise ValueError("score 'itm' needs an ITM head (model.text.fusion_layers >= 1); use score 'itc'")
+            raise ValueError("score 'itm' needs an ITM head, and this model was trained with loss.itm: 0; use score 'itc'")
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
         self.data_cfg, self.device = data_cfg, torch.device(device)
         self.resize = EvalTransform(data_cfg)

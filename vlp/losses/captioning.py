@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.errors import ConfigError
-from vlp.losses.objective import Objective, ObjectiveOptions
+from vlp.losses.objective import Objective, OwnLayersOptions
 from vlp.padding import trim_padding
 
 IGNORE = -100
@@ -32,7 +32,7 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 
 @dataclass
-class LMOptions(ObjectiveOptions):
+class LMOptions(OwnLayersOptions):
     label_smoothing: float = 0.1
     # Caption this fraction of each training batch (its first pairs; batches are shuffled).
     # The decoder and its vocabulary projection are the costliest objective: on the demo,
@@ -57,7 +57,7 @@ class LM(Objective):
         fraction = self.options.batch_fraction if self.training else 1.0
         n = max(1, math.ceil(fraction * input_ids.shape[0]))
         input_ids, attention_mask = trim_padding(input_ids[:n], attention_mask[:n])
-        hidden = decoder.hidden(input_ids, attention_mask, features.image_states[:n])
+        hidden = decoder.hidden(input_ids, attention_mask, self.options.from_towers(features.image_states[:n]))
         targets = lm_targets(input_ids, attention_mask)
         scored = targets != IGNORE  # the vocabulary projection only where a token is predicted
         return caption_loss(decoder.logits(hidden[scored]), targets[scored], self.options.label_smoothing)

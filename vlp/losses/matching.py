@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.losses.distributed import gather_no_grad, gather_padded, gather_with_grad, world
-from vlp.losses.objective import Objective, ObjectiveOptions
+from vlp.losses.objective import Objective, OwnLayersOptions
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) ->
 
 
 @dataclass
-class ITMOptions(ObjectiveOptions):
+class ITMOptions(OwnLayersOptions):
     # Negatives from the whole global batch (all ranks), not only this rank's.
     global_negatives: bool = True
     # Negatives are drawn ∝ softmax(hardness · ITC logits); hardness ramps linearly from 0
@@ -76,7 +76,9 @@ class ITM(Objective):
 
     def forward(self, features) -> dict[str, torch.Tensor]:
         model = features.model
-        image_states, text_states, mask = features.image_states, features.text_states, features.attention_mask
+        towers = self.options.from_towers
+        image_states, text_states = towers(features.image_states), towers(features.text_states)
+        mask = features.attention_mask
         image_emb, text_emb, image_id = features.image_emb.detach(), features.text_emb.detach(), features.image_id
         if self.options.global_negatives and world()[1] > 1:
             text_states, mask, all_texts, all_mask = gather_padded(text_states, mask)
@@ -95,7 +97,7 @@ class ITM(Objective):
         b = image_states.shape[0]
         valid = [torch.ones(b, dtype=torch.bool, device=mask.device), text_ok, image_ok]
         if features.negatives is not None:  # composition-aware negatives: their own image
-            texts.append(features.negative_text_states)
+            texts.append(towers(features.negative_text_states))
             masks.append(features.negative_mask)
             images.append(image_states[features.negative_owner])
             valid.append(torch.ones(len(features.negative_owner), dtype=torch.bool, device=mask.device))

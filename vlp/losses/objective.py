@@ -35,6 +35,20 @@ class ObjectiveOptions:
     ramp: float = 0.0
 
 
+@dataclass
+class OwnLayersOptions(ObjectiveOptions):
+    """Options of an objective with layers of its own on the towers' states (ITM's fusion
+    layers, the captioning decoder)."""
+    # false: the tower states reach the objective detached, so its gradient trains only its
+    # own layers and the towers learn from ITC/FILIP alone (the towers limit what ITM
+    # learns, not the reverse: docs/training.md); its backward also stops at the towers.
+    tower_gradients: bool = True
+
+    def from_towers(self, states: torch.Tensor | None) -> torch.Tensor | None:
+        """`states` of a tower as this objective may use them."""
+        return states if self.tower_gradients or states is None else states.detach()
+
+
 class Objective(nn.Module):
     name: ClassVar[str]
     Options: ClassVar[type] = ObjectiveOptions

@@ -49,6 +49,11 @@ def enabled_objectives(model_cfg: ModelConfig, loss_cfg: LossConfig) -> list:
     if unknown or not negatives.kinds:
         raise ConfigError(f"config key 'loss.text_negatives.kinds' must be a non-empty list of "
                           f"{NEGATIVE_KINDS}, got {negatives.kinds}")
+    lm = loss_cfg.objectives["lm"]
+    if lm.weight > 0 and not lm.tower_gradients and model_cfg.decoder.share_weights:
+        raise ConfigError("loss.lm.tower_gradients: false keeps the captioning loss out of the towers, "
+                          "but a decoder that shares the text tower's layers trains them: set "
+                          "model.decoder.share_weights: false")
     for objective in enabled:
         for need in objective.needs:
             provided, how = REQUIREMENTS[need]
@@ -73,7 +78,9 @@ class VLPModel(nn.Module):
         if "tokens" in needs:
             self.image_token_proj = nn.Linear(self.vision.width, model_cfg.filip_dim)
             self.text_token_proj = nn.Linear(self.text.width, model_cfg.filip_dim)
-        self.itm_head = nn.Linear(self.text.width, 2) if len(self.text.fusion) else None
+        # The ITM head only when ITM trains it: an untrained head would score foils and
+        # rerank retrieval with noise (fusion layers may still serve the decoder).
+        self.itm_head = nn.Linear(self.text.width, 2) if any(o.name == "itm" for o in enabled) else None
         self.decoder = (CaptionDecoder(self.text, self.vision.width, model_cfg.decoder.share_weights)
                         if model_cfg.decoder.enabled else None)
         self.max_new_tokens = model_cfg.decoder.max_new_tokens
@@ -213,7 +220,7 @@ class VLPModel(nn.Module):
                    text_states: torch.Tensor | None = None) -> torch.Tensor:
         """Match probability `[B]` of aligned (text i, image i) pairs."""
         if self.itm_head is None:
-            raise ValueError("this model has no ITM head (model.text.fusion_layers: 0)")
+            raise ValueError("this model has no ITM head: it was trained with loss.itm: 0")
         if image_states is None:
             if images is None:
                 raise ValueError("itm_scores needs images or image_states")

@@ -128,7 +128,7 @@ class Searcher:
             raise QueryError(f"unknown rerank '{rerank}'; choose one of {', '.join(RERANKERS)}")
         if not self.can_rerank(rerank):
             raise QueryError(f"rerank '{rerank}' is not available: the model has no "
-                             f"{'ITM head (fusion_layers: 0)' if rerank == 'itm' else 'FILIP heads'}")
+                             f"{'ITM head (trained with loss.itm: 0)' if rerank == 'itm' else 'FILIP heads'}")
         scores, ids = self.search_vectors(vec, max(k, self.rerank_candidates))
         keep = ids[0] >= 0
         index_scores, ids = scores[0][keep], ids[0][keep]

@@ -96,7 +96,7 @@ class ZeroShotClassifier:
         if scoring == "filip" and not model.has_filip:
             raise ZeroShotError("--scoring filip: this model has no FILIP heads (trained with loss.filip: 0)")
         if scoring == "itm" and not model.has_itm:
-            raise ZeroShotError("--scoring itm: this model has no ITM head (model.text.fusion_layers: 0)")
+            raise ZeroShotError("--scoring itm: this model has no ITM head (trained with loss.itm: 0)")
         self.model, self.encoder = model, encoder
         self.classnames, self.templates = classnames, templates
         self.scoring, self.itm_k, self.filip_chunk = scoring, itm_k, filip_chunk
