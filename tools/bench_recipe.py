@@ -30,7 +30,7 @@ same open_clip run on the same machine.
 
 --foils FILE adds a foil test (vlp/foils formats): both arms pick the true caption among its
 foils by ITC (`foils_itc`), and vlp also by FILIP, ITM and the rerank score (`foils_filip`,
-`foils_itm`, `foils_rerank`); per type in results.json. `--classes ''` leaves zero-shot out
+`foils_itm`, `foils_rerank`) where its arm trains them; per type in results.json. `--classes ''` leaves zero-shot out
 (a set without classes, such as tools/make_relations_shards.py's).
 """
 from __future__ import annotations
