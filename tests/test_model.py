@@ -120,8 +120,9 @@ def test_fusion_layers_without_itm_build_no_itm_head_and_old_model_dirs_still_lo
     model = build_model(cfg)
     assert model.itm_head is None and not model.has_itm and len(model.text.fusion) == 1
     assert scorers_of(model) == ("itc", "filip")
+    batch = tiny_batch()
     with pytest.raises(ValueError, match="loss.itm: 0"):
-        model.itm_scores(tiny_batch()["input_ids"], tiny_batch()["attention_mask"], images=tiny_batch()["image"])
+        model.itm_scores(batch["input_ids"], batch["attention_mask"], images=batch["image"])
     # A model dir an earlier vlp saved from such a run holds an (untrained) ITM head: dropped.
     from vlp.model import add_decoder_token
     tokenizer = tiny_tokenizer(tmp_path)

@@ -44,9 +44,9 @@ class OwnLayersOptions(ObjectiveOptions):
     # learns, not the reverse: docs/training.md); its backward also stops at the towers.
     tower_gradients: bool = True
 
-    def from_towers(self, states: torch.Tensor | None) -> torch.Tensor | None:
+    def from_towers(self, states: torch.Tensor) -> torch.Tensor:
         """`states` of a tower as this objective may use them."""
-        return states if self.tower_gradients or states is None else states.detach()
+        return states if self.tower_gradients else states.detach()
 
 
 class Objective(nn.Module):

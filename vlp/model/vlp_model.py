@@ -78,9 +78,9 @@ class VLPModel(nn.Module):
         if "tokens" in needs:
             self.image_token_proj = nn.Linear(self.vision.width, model_cfg.filip_dim)
             self.text_token_proj = nn.Linear(self.text.width, model_cfg.filip_dim)
-        # The ITM head only when ITM trains it: an untrained head would score foils and
-        # rerank retrieval with noise (fusion layers may still serve the decoder).
-        self.itm_head = nn.Linear(self.text.width, 2) if any(o.name == "itm" for o in enabled) else None
+        # The ITM head only when ITM (what needs "fusion") trains it: an untrained head would
+        # score foils and rerank retrieval with noise (fusion layers may still serve the decoder).
+        self.itm_head = nn.Linear(self.text.width, 2) if "fusion" in needs else None
         self.decoder = (CaptionDecoder(self.text, self.vision.width, model_cfg.decoder.share_weights)
                         if model_cfg.decoder.enabled else None)
         self.max_new_tokens = model_cfg.decoder.max_new_tokens
