@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     try:
         model, cfg, tokenizer = load_model_dir(args.model)
         if model.decoder is None:
-            raise ValueError(f"{args.model} has no captioning decoder (model.decoder.enabled: false)")
+            raise ValueError(f"{args.model} has no captioning decoder (trained with loss.lm: 0)")
         rows, sheet, skipped = (caption_shards if args.shards else caption_files)(args, model, cfg, tokenizer)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -24,7 +24,8 @@ step "3/5 build a FAISS index over every demo image"
 python pipelines/build_index.py --model "$out/model" --shards "$all" --out "$out/index"
 
 # Plain ITC search. --rerank itm|filip reorders the top candidates by index score + rerank
-# score; on the demo's val split neither rerank beats ITC yet (docs/training.md).
+# score, for a model pretrained with them (loss.itm=1, loss.filip=1: the demo trains ITC
+# alone, as neither rerank has beaten ITC yet; docs/benchmarks.md).
 step "4/5 search: text → image, top 5"
 python pipelines/search.py --index "$out/index" --text "a red apple" -k 5
 

@@ -25,7 +25,8 @@ def test_train_bench_rows_time_steps_in_which_their_objectives_have_joined(row):
     _, overrides = _tool("bench_train").SETTINGS[row]
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
     running = {name: o for name, o in cfg.loss.objectives.items() if o.weight > 0}
-    assert "itm" in running
+    named = {"itc", "filip", "itm"} if row == "itc+filip+itm" else {"itc", "filip", "itm", "lm"}
+    assert set(running) == named
     assert all(o.start == 0 for o in running.values()), {n: o.start for n, o in running.items()}
 
 

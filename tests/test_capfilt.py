@@ -80,6 +80,22 @@ def test_outputs_keep_everything_and_record_every_candidate():
         assert members["txt"].decode() == kept[0]["text"] and meta["captions"] == [kept[1]["text"]]
 
 
+def test_filtering_alone_needs_no_decoder(tmp_path):
+    """A model trained without captioning has no decoder: it cannot write synthetic captions
+    (a clear error), but it can filter the originals by ITC."""
+    from vlp.model import load_model_dir
+
+    model, cfg, tokenizer = load_model_dir(caption_model_dir())
+    model.decoder = None  # as a model trained with loss.lm: 0 is built
+    with pytest.raises(ValueError, match="loss.lm: 0"):
+        CapFilt(model, tokenizer, cfg.data, CapFiltSettings(**{**SETTINGS, "synthetic": 1}))
+    settings = CapFiltSettings(**{**SETTINGS, "synthetic": 0, "score": "itc", "top_m": 1})
+    CapFilt(model, tokenizer, cfg.data, settings).run(list(tiny_shards()), tmp_path, 0, 1, model_name="tiny")
+    summary = json.loads((tmp_path / "capfilt.json").read_text())
+    assert summary["captions"]["original"]["candidates"] == 60 and summary["captions"]["original"]["kept"] == 30
+    assert summary["captions"]["synthetic"]["candidates"] == 0
+
+
 def test_filtered_shards_load_with_their_kept_captions():
     from vlp.data import eval_loader
     from vlp.config import DataConfig

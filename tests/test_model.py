@@ -71,11 +71,9 @@ def test_forward_returns_all_named_losses_and_metrics():
 def test_zero_weight_skips_the_objective_entirely():
     model = build_model(tiny_cfg(filip=0.0, lm=0.0))
     assert "filip" not in model.objectives and not hasattr(model, "image_token_proj")
-    calls = []
-    model.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
-    model.decoder.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    assert model.decoder is None
     out = model(tiny_batch())
-    assert "filip" not in out and "lm" not in out and not calls
+    assert "filip" not in out and "lm" not in out
     assert {"itc", "itm"} <= set(out)
     with pytest.raises(ValueError, match="FILIP"):
         model.encode_image_tokens(tiny_batch()["image"])
@@ -130,6 +128,27 @@ def test_fusion_layers_without_itm_build_no_itm_head_and_old_model_dirs_still_lo
     save_model_dir(build_model(tiny_cfg()), cfg, tokenizer, tmp_path / "old")
     loaded, _, _ = load_model_dir(tmp_path / "old")
     assert not loaded.has_itm
+
+
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_no_decoder_without_captioning_and_old_model_dirs_still_load(tmp_path, share_weights):
+    """An untrained decoder would caption the eval set and CapFilt's shards with noise: a
+    model trained with loss.lm: 0 has none, and a model dir an earlier vlp saved from such
+    a run (decoder weights and all) loads without them."""
+    cfg = tiny_cfg(lm=0.0)
+    cfg.model.decoder.share_weights = share_weights
+    model = build_model(cfg)
+    assert model.decoder is None and not model.has_decoder
+    with pytest.raises(ValueError, match="loss.lm: 0"):
+        model.generate_ids(tiny_batch()["image"])
+    from vlp.model import add_decoder_token
+    tokenizer = tiny_tokenizer(tmp_path)
+    add_decoder_token(tokenizer, model.text.dec_token_id)
+    trained_before = tiny_cfg()
+    trained_before.model.decoder.share_weights = share_weights
+    save_model_dir(build_model(trained_before), cfg, tokenizer, tmp_path / "old")
+    loaded, _, _ = load_model_dir(tmp_path / "old")
+    assert not loaded.has_decoder
 
 
 @pytest.mark.parametrize("b", [1, 2])

@@ -1,9 +1,10 @@
 """Caption generation speed: captions/s with the decoder's key/value cache against the
 same generation without it (the whole prefix again at every step), in one run.
 
-    python tools/bench_caption.py --model runs/demo/model [--images 128] [--batch-size 32]
+    python tools/bench_caption.py --model MODEL_DIR [--images 128] [--batch-size 32]
 
-Without --model a freshly initialized model from --config is used; an untrained decoder
+MODEL_DIR: a model pretrained with captioning (`loss.lm=1`; configs/demo.yaml leaves it off).
+Without --model a freshly initialized model from --config, captioning on, is used; an untrained decoder
 rarely emits [SEP], so every caption runs to max_new_tokens (the cache's best case). A
 trained model gives the realistic figure. Each method is timed cached and uncached,
 alternately, best of --repeat. Greedy and beam captions must be identical (else it stops);
@@ -32,7 +33,7 @@ def load(args):
         model, cfg, _ = load_model_dir(args.model)
         return model, cfg
     from vlp.model import build_model
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, ["loss.lm=1"])  # a model has a decoder only where captioning trains
     torch.manual_seed(0)
     return build_model(cfg).eval(), cfg
 

@@ -29,16 +29,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ITC_ONLY = ["loss.filip=0", "loss.itm=0", "loss.lm=0"]
-# The objective-cost rows time steps in which every objective runs (the recipe lets ITM and
-# captioning join later in the run) and caption the whole batch; "all-demo" is
-# configs/demo.yaml's step once they have joined (captioning half of each batch).
-JOINED = ["loss.itm.start=0", "loss.lm.start=0"]
+# The objective-cost rows turn on what they name (configs/demo.yaml trains ITC alone) and
+# time steps in which every objective runs (the config's opt-in ITM and captioning join
+# late in a run) and caption the whole batch; "all-demo" is the config's step with all
+# four on (captioning half of each batch).
+JOINED = ["loss.filip=1", "loss.itm=1", "loss.lm=1", "model.text.fusion_layers=2", "loss.itm.start=0", "loss.lm.start=0"]
 ALL = ["loss.lm.batch_fraction=1", *JOINED]
 SETTINGS = {
     # name: (ranks, overrides)
     "itc": (1, ITC_ONLY),
-    "itc+filip": (1, ["loss.itm=0", "loss.lm=0"]),
-    "itc+filip+itm": (1, ["loss.lm=0", *JOINED]),
+    "itc+filip": (1, ["loss.filip=1", "loss.itm=0", "loss.lm=0"]),
+    "itc+filip+itm": (1, [*JOINED, "loss.lm=0"]),
     "all": (1, ALL),
     "all-demo": (1, JOINED),
     "all+ckpt": (1, ALL + ["model.grad_checkpointing=true"]),

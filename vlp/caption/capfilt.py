@@ -109,8 +109,9 @@ class CapFilt:
     def __init__(self, model, tokenizer, data_cfg, settings: CapFiltSettings,
                  device: str | torch.device = "cpu"):
         settings.check()
-        if not model.has_decoder:
-            raise ValueError("CapFilt needs a captioning decoder (model.decoder.enabled: true)")
+        if settings.synthetic and not model.has_decoder:
+            raise ValueError("synthetic captions need a captioning decoder, and this model was trained "
+                             "with loss.lm: 0; pretrain with loss.lm > 0 or filter only (synthetic 0)")
         if settings.score == "itm" and not model.has_itm:
             raise ValueError("score 'itm' needs an ITM head, and this model was trained with loss.itm: 0; use score 'itc'")
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings

@@ -130,11 +130,12 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
 def upgrade_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights saved by an earlier vlp, renamed and reshaped to today's model. A legacy
     temperature of an objective the config now leaves off (weight 0) is dropped: it was
-    built, but never trained; so is the ITM head of a model trained without ITM."""
+    built, but never trained; so are the ITM head and the decoder of a model trained
+    without ITM / captioning."""
     expected = model.state_dict()
     upgraded = {}
     for name, tensor in state.items():
-        if name.startswith("itm_head.") and name not in expected:
+        if name.startswith(("itm_head.", "decoder.")) and name not in expected:
             continue
         for old, new in LEGACY_PREFIXES.items():
             if name.startswith(old):

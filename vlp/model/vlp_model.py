@@ -81,8 +81,10 @@ class VLPModel(nn.Module):
         # The ITM head only when ITM (what needs "fusion") trains it: an untrained head would
         # score foils and rerank retrieval with noise (fusion layers may still serve the decoder).
         self.itm_head = nn.Linear(self.text.width, 2) if "fusion" in needs else None
+        # Likewise the decoder only when captioning trains it: an untrained one would caption
+        # the eval set and CapFilt's shards with noise.
         self.decoder = (CaptionDecoder(self.text, self.vision.width, model_cfg.decoder.share_weights)
-                        if model_cfg.decoder.enabled else None)
+                        if "decoder" in needs else None)
         self.max_new_tokens = model_cfg.decoder.max_new_tokens
         self.objectives = nn.ModuleDict(
             {o.name: o(loss_cfg.objectives[o.name], loss_cfg) for o in enabled})
@@ -236,7 +238,7 @@ class VLPModel(nn.Module):
         """Caption token ids `[B, T]` (no bos; [SEP] then pad at the end). Precomputed
         `image_states` skip the vision tower (several captions per image, then ITM)."""
         if self.decoder is None:
-            raise ValueError("this model has no captioning decoder (model.decoder.enabled: false)")
+            raise ValueError("this model has no captioning decoder (trained with loss.lm: 0)")
         sep_id, pad_id = self._special_ids()
         was_training = self.training
         self.eval()  # no dropout while decoding, also when called mid-training
