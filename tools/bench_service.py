@@ -5,7 +5,7 @@ bounded concurrent traffic, good and hostile together.
 
 Two phases against one server process, in the same run:
   baseline  good requests only: text queries (the index's own captions, a third with FILIP
-            rerank) and image queries (the index's own images, read from its shards);
+            rerank where the model has FILIP) and image queries (the index's own images, read from its shards);
   abuse     the same good requests shuffled together with as many bad ones (invalid JSON,
             lone surrogates, zero-width text, 50,000-deep nesting, string embeddings, k out
             of range, bad base64, undecodable bytes, unknown fields, over-size bodies, zero
@@ -65,15 +65,24 @@ def image_body(data: bytes, **extra) -> bytes:
     return json.dumps({"image": base64.b64encode(data).decode(), **extra}).encode()
 
 
+def model_has_filip(index: Path) -> bool:
+    """Whether the index's model was trained with FILIP (a FILIP rerank is a good request)."""
+    from vlp.config import load_config
+    model = Path(json.loads((index / "build.json").read_text())["model"])
+    return load_config(model / "config.yaml").loss.filip.weight > 0
+
+
 def good_requests(index: Path, n: int, rng: random.Random) -> list[tuple[str, bytes, int]]:
-    """(kind, body, expected status): the index's own captions and images."""
+    """(kind, body, expected status): the index's own captions and images; a third of the
+    text queries FILIP-reranked where the model has FILIP."""
     items = pq.read_table(index / "items.parquet", columns=["captions", "shard", "image_offset", "image_size"])
     rows = items.to_pylist()
+    filip = model_has_filip(index)
     out = []
     for i in range(n):
         row = rows[rng.randrange(len(rows))]
         if i % 2 == 0:
-            extra = {"rerank": "filip"} if i % 6 == 0 else {}
+            extra = {"rerank": "filip"} if filip and i % 6 == 0 else {}
             out.append(("good_text", json.dumps({"text": row["captions"][0], "k": 10, **extra}).encode(), 200))
         else:
             data = read_member(row["shard"], row["image_offset"], row["image_size"])
