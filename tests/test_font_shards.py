@@ -62,6 +62,17 @@ def test_captions_name_the_class_and_the_rendered_style(built):
         assert bare in {f"the {n}" for n in names}
 
 
+def test_class_captions_are_the_same_three_phrasings_for_every_image_of_a_class(tmp_path):
+    built = build(tmp_path / "class", "--captions", "class")
+    by_class = {}
+    for row in read_split(built, "train").values():
+        by_class.setdefault(row["meta"]["class"], set()).add(tuple(row["captions"]))
+    assert len(by_class) == len(CHARS) and all(len(texts) == 1 for texts in by_class.values())
+    first, second, third = by_class[fonts_tool.class_names("7")[0]].pop()
+    assert (first, second, third) == ("a digit 7", "the number 7", "a picture of the numeral 7")
+    assert "class alone" in (built / "README.md").read_text()
+
+
 def test_zeroshot_split_reads_with_its_label_field_and_class_file(built):
     classes = load_classes(built / "classes.txt")
     source = open_source([split_spec(built, "zeroshot")], label_field="class")

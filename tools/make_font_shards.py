@@ -10,7 +10,9 @@ Images: one character at 64 px on a light background, in one of eight ink colour
 or small, at a random place. Captions (three phrasings, `.txt` + the json `captions` list):
 "a large red letter g in a bold italic serif font", "a lowercase g, bold, italic, serif,
 red, large", "the letter g". Style words come from the font's own tables: weight, slant,
-fixed pitch, and its PANOSE serif class where the font states one.
+fixed pitch, and its PANOSE serif class where the font states one. `--captions class`
+names the class alone ("a digit 7", "the number 7", "a picture of the numeral 7"), the shape
+of a labelled set turned into captions: zero-shot then measures what training was about.
 
 Fonts: every font fontconfig lists (`fc-list`), or the fonts under each `--fonts DIR`, that
 maps every class character to a glyph of its own with that character's name (symbol fonts
@@ -327,8 +329,10 @@ def render(font: Font, char: str, colour: tuple[int, int, int], height: int,
     return image
 
 
-def captions(font: Font, char: str, colour: str, size: str, rng: random.Random) -> list[str]:
+def captions(font: Font, char: str, colour: str, size: str, rng: random.Random, style: str) -> list[str]:
     names = class_names(char)
+    if style == "class":  # the class alone, the same three phrasings for every image of it
+        return [with_article(names[0]), f"the {names[1 % len(names)]}", f"a picture of the {names[-1]}"]
     style = " ".join(font.style_words()) or "regular"
     described = ", ".join(font.style_words() + [colour, size])
     return [f"{with_article(f'{size} {colour} {rng.choice(names)}')} in {with_article(style)} font",
@@ -336,12 +340,12 @@ def captions(font: Font, char: str, colour: str, size: str, rng: random.Random) 
             f"the {rng.choice(names)}"]
 
 
-def make_sample(key: str, font: Font, char: str, rng: random.Random, quality: int) -> dict:
+def make_sample(key: str, font: Font, char: str, rng: random.Random, quality: int, style: str) -> dict:
     colour = rng.choice(sorted(COLOURS))
     ink = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[colour])
     size = rng.choice(sorted(SIZES))
     image = render(font, char, ink, rng.randint(*SIZES[size]), rng)
-    texts = captions(font, char, colour, size, rng)
+    texts = captions(font, char, colour, size, rng, style)
     return {"__key__": key, "jpg": jpeg_bytes(image, quality), "txt": texts[0],
             "json": {"class": class_names(char)[0], "char": char, "family": font.family,
                      "font_file": Path(font.path).name, "weight": font.weight,
@@ -349,9 +353,10 @@ def make_sample(key: str, font: Font, char: str, rng: random.Random, quality: in
                      "captions": texts[1:]}}
 
 
-def split_samples(split: str, fonts: list[Font], chars: str, n: int, seed: int, quality: int) -> list[dict]:
+def split_samples(split: str, fonts: list[Font], chars: str, n: int, seed: int, quality: int,
+                  style: str) -> list[dict]:
     pairs = plan(fonts, chars, n, random.Random(f"{seed}/{split}/plan"))
-    samples = [make_sample(f"{split[0]}{i:06d}", font, char, random.Random(f"{seed}/{split}/{i}"), quality)
+    samples = [make_sample(f"{split[0]}{i:06d}", font, char, random.Random(f"{seed}/{split}/{i}"), quality, style)
                for i, (font, char) in enumerate(pairs)]
     random.Random(f"{seed}/{split}/order").shuffle(samples)
     return samples
@@ -369,11 +374,14 @@ Splits by groups of look-alike fonts (no font, family or clone in two splits):
 |---|---|---|---|
 {rows}
 
-Each sample: `KEY.jpg` (64 px, JPEG quality {quality}), `KEY.txt` (a caption naming the class,
-colour, size and the font's style), `KEY.json` (`class` — the zero-shot label —, `char`,
+Each sample: `KEY.jpg` (64 px, JPEG quality {quality}), `KEY.txt` ({caption_kind}), `KEY.json` (`class` — the zero-shot label —, `char`,
 `family`, `font_file`, `weight`, `italic`, `kind`, `colour`, `size`, and `captions`: two more
 phrasings). fonts.json lists the fonts of each split and the ones left out, by reason.
 """
+
+
+CAPTION_KINDS = {"described": "a caption naming the class, colour, size and the font's style",
+                 "class": "a caption naming the class alone; the same three phrasings for all its images"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -395,6 +403,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-shards", type=int, default=2, help="shards of val and of zeroshot (default 2)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90: thin strokes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", choices=("described", "class"), default="described",
+                   help="described (default): the class, colour, size and font style; class: the class "
+                        "alone, in three phrasings (\"a digit 7\", \"the number 7\", \"a picture of the "
+                        "numeral 7\"): every image of a class has the same captions, as in a labelled set")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
     if len(set(args.chars)) != len(args.chars) or len(args.chars) < 2:
@@ -418,7 +430,8 @@ def main(argv=None) -> int:
     with staged_output(args.out, args.overwrite) as out:
         sizes = {}
         for split, split_fonts_ in splits.items():
-            samples = split_samples(split, split_fonts_, args.chars, counts[split], args.seed, args.quality)
+            samples = split_samples(split, split_fonts_, args.chars, counts[split], args.seed, args.quality,
+                                    args.captions)
             sizes.update(write_split(out, split, samples,
                                      args.train_shards if split == "train" else args.eval_shards))
         write_sizes(out, sizes)
@@ -430,7 +443,7 @@ def main(argv=None) -> int:
         atomic_write_text(out / "README.md", PROVENANCE.format(
             command=" ".join(["python tools/make_font_shards.py", *(argv if argv is not None else sys.argv[1:])]),
             n_classes=len(args.chars), chars=args.chars,
-            rows=rows, quality=args.quality))
+            rows=rows, quality=args.quality, caption_kind=CAPTION_KINDS[args.captions]))
     print(f"{args.out}: " + ", ".join(f"{s} {counts[s]} images / {len(fs)} fonts" for s, fs in splits.items())
           + f"; {len(args.chars)} classes; skipped fonts: {dict(skipped.most_common()) or 'none'}; "
           f"{time.perf_counter() - start:.0f} s")
