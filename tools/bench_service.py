@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vlp.config import load_config  # noqa: E402
 from vlp.retrieval.shards import read_member  # noqa: E402
 
 
@@ -67,7 +68,6 @@ def image_body(data: bytes, **extra) -> bytes:
 
 def model_has_filip(index: Path) -> bool:
     """Whether the index's model was trained with FILIP (a FILIP rerank is a good request)."""
-    from vlp.config import load_config
     model = Path(json.loads((index / "build.json").read_text())["model"])
     return load_config(model / "config.yaml").loss.filip.weight > 0
 
