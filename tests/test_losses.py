@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from vlp.config import LossConfig
 from vlp.losses import (IGNORE, Filip, caption_loss, contrastive_loss, filip_loss, sigmoid_loss,
                         filip_similarity, itm_loss, lm_targets, sample_hard_negatives, select_tokens)
-from vlp.losses.contrastive import same_caption
 
 
 def unit(*shape, seed=0):
@@ -44,32 +43,6 @@ def test_itc_with_hard_negative_columns_matches_loop_reference():
         t2i = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(4)])          # ...never rows
         rows.append(0.5 * (ce_row(i2t, i) + ce_row(t2i, i)))
     assert out["loss"].item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
-
-
-def test_itc_same_caption_positive_spreads_the_target_over_identical_captions():
-    img, txt, neg, scale = unit(5, 8, seed=31), unit(5, 8, seed=32), unit(2, 8, seed=33), torch.tensor(9.0)
-    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [5, 6, 7, 0], [8, 9, 0, 0], [5, 6, 0, 0]])
-    mask = (ids > 0).long()
-    ids[1, 3] = 42  # a stray id under the padding changes nothing: the captions are equal
-    positives = same_caption(ids, mask)
-    assert positives.tolist() == [[i % 2 == j % 2 and 4 not in (i, j) or i == j for j in range(5)] for i in range(5)]
-    out = contrastive_loss(img, txt, scale, negative_emb=neg, positives=positives)
-    rows = []
-    for i in range(5):
-        i2t = torch.stack([scale * torch.dot(img[i], t) for t in list(txt) + list(neg)])
-        t2i = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(5)])
-        matches = [j for j in range(5) if positives[i, j]]
-        rows.append(0.5 * sum(ce_row(i2t, j) + ce_row(t2i, j) for j in matches) / len(matches))
-    assert out["loss"].item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
-    # All captions different: exactly CLIP's loss.
-    unique = same_caption(torch.arange(1, 6)[:, None], torch.ones(5, 1, dtype=torch.long))
-    plain = contrastive_loss(img, txt, scale, negative_emb=neg)
-    assert contrastive_loss(img, txt, scale, negative_emb=neg, positives=unique)["loss"].item() == \
-        pytest.approx(plain["loss"].item(), abs=1e-6)
-    # Matching an image to its caption's twin is no longer an error.
-    twin = torch.stack([txt[2], txt[3], txt[0], txt[1], txt[4]])
-    assert contrastive_loss(img, twin, scale, positives=positives)["acc"] > \
-        contrastive_loss(img, twin, scale)["acc"] - 1e-6
 
 
 # ------------------------------------------------------------------ SigLIP

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from gloo_ranks import run_ranks
 from vlp.losses import contrastive_loss, filip_loss, sigmoid_loss
-from vlp.losses.contrastive import same_caption
 
 B_LOCAL, WORLD = 3, 2
 
@@ -28,13 +27,10 @@ def global_inputs():
     neg = F.normalize(torch.randn(sum(NEGATIVES), 8, generator=g), dim=-1)
     neg_tok = F.normalize(torch.randn(sum(NEGATIVES), 5, 8, generator=g), dim=-1)
     neg_mask = (torch.arange(5)[None] < torch.tensor([[3], [5], [2]])).long()
-    # Token ids with repeated captions, within a rank (1, 2) and across ranks (0, 4).
-    ids = torch.randint(1, 50, (B_LOCAL * WORLD, 5), generator=g) * mask
-    ids[4], mask[4], ids[2], mask[2] = ids[0], mask[0], ids[1], mask[1]
-    return img, txt, img_tok, txt_tok, mask, ids, neg, neg_tok, neg_mask
+    return img, txt, img_tok, txt_tok, mask, neg, neg_tok, neg_mask
 
 
-def losses_and_grads(img, txt, img_tok, txt_tok, mask, ids, neg, neg_tok, neg_mask):
+def losses_and_grads(img, txt, img_tok, txt_tok, mask, neg, neg_tok, neg_mask):
     leaves = [t.clone().requires_grad_(True) for t in (img, txt, img_tok, txt_tok, neg, neg_tok)]
     scale = torch.tensor(10.0)
     itc = contrastive_loss(leaves[0], leaves[1], scale)["loss"]
@@ -48,13 +44,10 @@ def losses_and_grads(img, txt, img_tok, txt_tok, mask, ids, neg, neg_tok, neg_ma
     neg_length = int(neg_mask.sum(1).max())
     filip_neg = filip_loss(leaves[2], leaves[3][:, :length], mask[:, :length], scale, chunk=2,
                            negatives=(leaves[5][:, :neg_length], neg_mask[:, :neg_length]))["loss"]
-    # Repeated captions as one positive (UniCL targets), with hard negative columns.
-    itc_same = contrastive_loss(leaves[0], leaves[1], scale, negative_emb=leaves[4],
-                                positives=same_caption(ids[:, :length], mask[:, :length]))["loss"]
-    total = itc + siglip + filip + itc_neg + siglip_neg + filip_neg + itc_same
+    total = itc + siglip + filip + itc_neg + siglip_neg + filip_neg
     total.backward()
     losses = {"itc": itc, "siglip": siglip, "filip": filip, "itc_neg": itc_neg, "siglip_neg": siglip_neg,
-              "filip_neg": filip_neg, "itc_same": itc_same}
+              "filip_neg": filip_neg}
     return {k: v.item() for k, v in losses.items()}, [leaf.grad for leaf in leaves]
 
 
@@ -63,7 +56,7 @@ def _rank_losses(rank: int) -> dict:
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     negatives = slice(sum(NEGATIVES[:rank]), sum(NEGATIVES[:rank + 1]))
     inputs = global_inputs()
-    losses, grads = losses_and_grads(*(t[rows] for t in inputs[:6]), *(t[negatives] for t in inputs[6:]))
+    losses, grads = losses_and_grads(*(t[rows] for t in inputs[:5]), *(t[negatives] for t in inputs[5:]))
     return {**losses, "grads": [g.tolist() for g in grads]}
 
 

@@ -2,11 +2,6 @@
 
 Across ranks each rank scores its local rows against the all-gathered columns, with labels
 offset by rank; the mean over ranks equals the loss on the concatenated batch.
-
-Captions that are the same text (a labelled set turned into captions: "a photo of a dog" for
-every dog) are the same positive, not each other's negatives: with `same_caption_positive`
-each row's target spreads evenly over every column whose caption is identical to its own
-(UniCL, Yang et al. 2022). Where all captions differ this is CLIP's loss exactly.
 """
 from __future__ import annotations
 
@@ -17,43 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.losses.distributed import gather_padded, gather_rows, gather_with_grad, world
+from vlp.losses.distributed import gather_rows, gather_with_grad, world
 from vlp.losses.objective import Objective, ObjectiveOptions
 
 
 def symmetric_cross_entropy(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor,
-                            labels: torch.Tensor, positives: torch.Tensor | None = None
-                            ) -> dict[str, torch.Tensor]:
-    """½(CE over image rows + CE over text rows) and the mean top-1 accuracy of both.
-    `positives` `[b, B]` bool (local rows × gathered pairs; true on `labels` too): the pairs
-    that count as a match, the target spread evenly over them; None: `labels` alone."""
-    if positives is None:
-        loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-        acc = 0.5 * ((logits_i2t.argmax(1) == labels).float().mean()
-                     + (logits_t2i.argmax(1) == labels).float().mean())
-        return {"loss": loss, "acc": acc.detach()}
-    target = positives.float() / positives.sum(1, keepdim=True)
-    extra = logits_i2t.shape[1] - target.shape[1]  # hard negative columns: never a match
-    loss = 0.5 * (soft_cross_entropy(logits_i2t, F.pad(target, (0, extra))) + soft_cross_entropy(logits_t2i, target))
-    hit = F.pad(positives, (0, extra))
-    acc = 0.5 * (hit.gather(1, logits_i2t.argmax(1, keepdim=True)).float().mean()
-                 + positives.gather(1, logits_t2i.argmax(1, keepdim=True)).float().mean())
+                            labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """½(CE over image rows + CE over text rows) and the mean top-1 accuracy of both."""
+    loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    acc = 0.5 * ((logits_i2t.argmax(1) == labels).float().mean()
+                 + (logits_t2i.argmax(1) == labels).float().mean())
     return {"loss": loss, "acc": acc.detach()}
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of -Σ target·log softmax(logits), where 0·log 0 counts 0: the -inf
-    columns of `negative_columns` would make F.cross_entropy's soft targets NaN."""
-    log_p = F.log_softmax(logits, dim=1)
-    return -torch.where(target > 0, target * log_p, torch.zeros_like(log_p)).sum(1).mean()
-
-
-@torch.no_grad()
-def same_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`[b, B]` bool: local caption i is token for token the gathered caption j."""
-    ids, mask, all_ids, all_mask = gather_padded(input_ids, attention_mask, with_grad=False)
-    ids, all_ids = ids * mask, all_ids * all_mask
-    return (ids[:, None, :] == all_ids[None, :, :]).all(-1)
 
 
 def local_labels(b: int, device) -> torch.Tensor:
@@ -62,20 +31,17 @@ def local_labels(b: int, device) -> torch.Tensor:
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                     negative_emb: torch.Tensor | None = None,
-                     positives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     negative_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """`image_emb`, `text_emb`: L2-normalized `[b, D]` local features; returns loss, acc.
     `negative_emb` `[n, D]`: hard negative captions, extra columns for every image (never
-    a positive, and not rows: they have no image of their own). `positives`: see
-    `symmetric_cross_entropy` (`same_caption` gives it)."""
+    a positive, and not rows: they have no image of their own)."""
     all_image = gather_with_grad(image_emb)
     all_text = gather_with_grad(text_emb)
     logits_i2t = logit_scale * image_emb.float() @ all_text.float().t()
     logits_t2i = logit_scale * text_emb.float() @ all_image.float().t()
     if negative_emb is not None:
         logits_i2t = torch.cat([logits_i2t, negative_columns(logit_scale * image_emb.float(), negative_emb)], 1)
-    labels = local_labels(image_emb.shape[0], image_emb.device)
-    return symmetric_cross_entropy(logits_i2t, logits_t2i, labels, positives)
+    return symmetric_cross_entropy(logits_i2t, logits_t2i, local_labels(image_emb.shape[0], image_emb.device))
 
 
 def negative_columns(scaled_image_emb: torch.Tensor, negative_emb: torch.Tensor) -> torch.Tensor:
@@ -102,8 +68,7 @@ class LearnableScale(nn.Module):
 
 @dataclass
 class ITCOptions(ObjectiveOptions):
-    # Identical captions in a batch are one positive, not each other's negatives (UniCL).
-    same_caption_positive: bool = False
+    pass
 
 
 class ITC(Objective):
@@ -121,10 +86,6 @@ class ITC(Objective):
 
     def forward(self, features) -> dict[str, torch.Tensor]:
         scale = self.scale()
-        positives = (same_caption(features.input_ids, features.attention_mask)
-                     if self.options.same_caption_positive else None)
-        out = contrastive_loss(features.image_emb, features.text_emb, scale, features.negative_text_emb, positives)
-        if positives is not None:
-            out["shared_captions"] = (positives.sum(1) > 1).float().mean()
+        out = contrastive_loss(features.image_emb, features.text_emb, scale, features.negative_text_emb)
         out["logit_scale"] = scale.detach()
         return out
