@@ -12,9 +12,8 @@ make_noisy_shards → pretrain clean → pretrain noisy → capfilt → capfilt_
 pretrain filtered. Pretraining uses the default config (configs/demo.yaml) plus the
 overrides after `--`, the same for every arm; synthetic captions need a captioner
 (`-- loss.lm=1`: the config trains ITC alone), ITM's filter `loss.itm=1`. Writes
-OUT/summary.json and prints
-t2i R@1/R@10 (ITC) per arm, the share of the noise's R@10 loss the filtered run recovers,
-and the filter's precision/recall on the planted captions.
+OUT/summary.json and prints t2i R@1/R@10 (ITC) per arm, the share of the noise's R@10 loss
+the filtered run recovers, and the filter's precision/recall on the planted captions.
 
 --rounds N bootstraps: round k > 1 filters the noisy shards again with the model trained on
 round k-1's output (`--capfilt` flags, then `--refilter`'s: by default no new synthetic

@@ -329,9 +329,10 @@ def render(font: Font, char: str, colour: tuple[int, int, int], height: int,
     return image
 
 
-def captions(font: Font, char: str, colour: str, size: str, rng: random.Random, style: str) -> list[str]:
+def captions(font: Font, char: str, colour: str, size: str, rng: random.Random,
+             caption_kind: str) -> list[str]:
     names = class_names(char)
-    if style == "class":  # the class alone, the same three phrasings for every image of it
+    if caption_kind == "class":  # the class alone, the same three phrasings for every image of it
         return [with_article(names[0]), f"the {names[1 % len(names)]}", f"a picture of the {names[-1]}"]
     style = " ".join(font.style_words()) or "regular"
     described = ", ".join(font.style_words() + [colour, size])
@@ -340,12 +341,13 @@ def captions(font: Font, char: str, colour: str, size: str, rng: random.Random, 
             f"the {rng.choice(names)}"]
 
 
-def make_sample(key: str, font: Font, char: str, rng: random.Random, quality: int, style: str) -> dict:
+def make_sample(key: str, font: Font, char: str, rng: random.Random, quality: int,
+                caption_kind: str) -> dict:
     colour = rng.choice(sorted(COLOURS))
     ink = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[colour])
     size = rng.choice(sorted(SIZES))
     image = render(font, char, ink, rng.randint(*SIZES[size]), rng)
-    texts = captions(font, char, colour, size, rng, style)
+    texts = captions(font, char, colour, size, rng, caption_kind)
     return {"__key__": key, "jpg": jpeg_bytes(image, quality), "txt": texts[0],
             "json": {"class": class_names(char)[0], "char": char, "family": font.family,
                      "font_file": Path(font.path).name, "weight": font.weight,
@@ -354,9 +356,10 @@ def make_sample(key: str, font: Font, char: str, rng: random.Random, quality: in
 
 
 def split_samples(split: str, fonts: list[Font], chars: str, n: int, seed: int, quality: int,
-                  style: str) -> list[dict]:
+                  caption_kind: str) -> list[dict]:
     pairs = plan(fonts, chars, n, random.Random(f"{seed}/{split}/plan"))
-    samples = [make_sample(f"{split[0]}{i:06d}", font, char, random.Random(f"{seed}/{split}/{i}"), quality, style)
+    samples = [make_sample(f"{split[0]}{i:06d}", font, char, random.Random(f"{seed}/{split}/{i}"), quality,
+                           caption_kind)
                for i, (font, char) in enumerate(pairs)]
     random.Random(f"{seed}/{split}/order").shuffle(samples)
     return samples
@@ -374,9 +377,10 @@ Splits by groups of look-alike fonts (no font, family or clone in two splits):
 |---|---|---|---|
 {rows}
 
-Each sample: `KEY.jpg` (64 px, JPEG quality {quality}), `KEY.txt` ({caption_kind}), `KEY.json` (`class` — the zero-shot label —, `char`,
-`family`, `font_file`, `weight`, `italic`, `kind`, `colour`, `size`, and `captions`: two more
-phrasings). fonts.json lists the fonts of each split and the ones left out, by reason.
+Each sample: `KEY.jpg` (64 px, JPEG quality {quality}), `KEY.txt` ({caption_kind}),
+`KEY.json` (`class` — the zero-shot label —, `char`, `family`, `font_file`, `weight`,
+`italic`, `kind`, `colour`, `size`, and `captions`: two more phrasings). fonts.json lists
+the fonts of each split and the ones left out, by reason.
 """
 
 
