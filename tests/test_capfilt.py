@@ -92,7 +92,8 @@ def test_filtering_alone_needs_no_decoder(tmp_path):
     settings = CapFiltSettings(**{**SETTINGS, "synthetic": 0, "score": "itc", "top_m": 1})
     CapFilt(model, tokenizer, cfg.data, settings).run(list(tiny_shards()), tmp_path, 0, 1, model_name="tiny")
     summary = json.loads((tmp_path / "capfilt.json").read_text())
-    assert summary["captions"]["original"]["candidates"] == 60 and summary["captions"]["original"]["kept"] == 30
+    original = summary["captions"]["original"]
+    assert original["candidates"] == 60 and original["kept"] == 30
     assert summary["captions"]["synthetic"]["candidates"] == 0
 
 

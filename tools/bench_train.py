@@ -33,7 +33,8 @@ ITC_ONLY = ["loss.filip=0", "loss.itm=0", "loss.lm=0"]
 # time steps in which every objective runs (the config's opt-in ITM and captioning join
 # late in a run) and caption the whole batch; "all-demo" is the config's step with all
 # four on (captioning half of each batch).
-JOINED = ["loss.filip=1", "loss.itm=1", "loss.lm=1", "model.text.fusion_layers=2", "loss.itm.start=0", "loss.lm.start=0"]
+JOINED = ["loss.filip=1", "loss.itm=1", "loss.lm=1", "model.text.fusion_layers=2",
+          "loss.itm.start=0", "loss.lm.start=0"]
 ALL = ["loss.lm.batch_fraction=1", *JOINED]
 SETTINGS = {
     # name: (ranks, overrides)
