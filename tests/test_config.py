@@ -19,6 +19,13 @@ def test_defaults_and_dotted_overrides(tmp_path):
     assert cfg.data.workers == Config().data.workers                 # untouched keys keep defaults
 
 
+def test_a_key_of_two_types_takes_either(tmp_path):
+    assert load_config(None, ["model.text.frozen_layers=all"]).model.text.frozen_layers == "all"
+    assert load_config(None, ["model.text.frozen_layers=2"]).model.text.frozen_layers == 2
+    with pytest.raises(ConfigError, match="model.text.frozen_layers"):
+        load_config(None, ["model.text.frozen_layers=[2]"])
+
+
 def test_yaml_file_then_overrides_win(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  batch_size: 8\n  workers: 1\noutput_dir: runs/x\n")

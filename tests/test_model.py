@@ -421,9 +421,20 @@ def test_frozen_text_layers_take_no_gradient_and_skip_their_backward():
 
 def test_frozen_layers_beyond_the_text_layers_are_a_config_error():
     cfg = tiny_cfg()
-    cfg.model.text.frozen_layers = 3  # 2 text layers + 1 fusion layer
-    with pytest.raises(ConfigError, match="model.text.frozen_layers"):
-        build_model(cfg)
+    for bad in (3, "most"):  # 2 text layers + 1 fusion layer
+        cfg.model.text.frozen_layers = bad
+        with pytest.raises(ConfigError, match="model.text.frozen_layers"):
+            build_model(cfg)
+
+
+def test_all_frozen_layers_lock_the_text_only_tower_and_leave_fusion_training():
+    cfg = tiny_cfg()
+    cfg.model.text.frozen_layers = "all"
+    model = build_model(cfg)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    locked = ("text.embeddings.", "text.layers.0.", "text.layers.1.")
+    assert frozen == {name for name, _ in model.named_parameters() if name.startswith(locked)}
+    assert any(name.startswith("text.fusion.") for name, p in model.named_parameters() if p.requires_grad)
 
 
 COMBOS = [c for r in range(1, 5) for c in itertools.combinations(OBJECTIVES, r)]

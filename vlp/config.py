@@ -91,8 +91,9 @@ class TextConfig:
     pooling: str = "cls"
     # Lock the pretrained bottom of the tower (LiT, Zhai et al. 2022, locks a whole pretrained
     # tower): the embeddings and the first N text layers take no gradient, so a step skips
-    # their backward and the tied LM head's weight gradient. 0: every layer trains.
-    frozen_layers: int = 0
+    # their backward and the tied LM head's weight gradient. 0: every layer trains; "all":
+    # every text-only layer (the fusion layers above them still train).
+    frozen_layers: int | str = 0
 
 
 @dataclass
@@ -345,7 +346,12 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, name)
+        for arg in args[:-1]:  # `int | str`: the first type that takes the value
+            try:
+                return _coerce(arg, value, name)
+            except ConfigError:
+                pass
+        return _coerce(args[-1], value, name)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name + ".")
     if origin is list:

@@ -204,12 +204,13 @@ class TextTower(nn.Module):
                        layer.intermediate, layer.output)
             for layer in (copy.deepcopy(top) if stack else top))
         self.grad_checkpointing = False
-        if not 0 <= cfg.frozen_layers <= len(self.layers):
-            raise ConfigError(f"config key 'model.text.frozen_layers' must be in [0, {len(self.layers)}] (the text "
-                              f"layers below the fusion layers), got {cfg.frozen_layers}")
-        if cfg.frozen_layers:
+        frozen = len(self.layers) if cfg.frozen_layers == "all" else cfg.frozen_layers
+        if isinstance(frozen, str) or not 0 <= frozen <= len(self.layers):
+            raise ConfigError(f"config key 'model.text.frozen_layers' must be 'all' or in [0, {len(self.layers)}] "
+                              f"(the text layers below the fusion layers), got {cfg.frozen_layers!r}")
+        if frozen:
             self.embeddings.requires_grad_(False)
-            for layer in self.layers[:cfg.frozen_layers]:
+            for layer in self.layers[:frozen]:
                 layer.requires_grad_(False)
 
     @property
