@@ -19,7 +19,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
     assert cfg.data.workers == Config().data.workers                 # untouched keys keep defaults
 
 
-def test_a_key_of_two_types_takes_either(tmp_path):
+def test_a_key_of_two_types_takes_either():
     assert load_config(None, ["model.text.frozen_layers=all"]).model.text.frozen_layers == "all"
     assert load_config(None, ["model.text.frozen_layers=2"]).model.text.frozen_layers == 2
     with pytest.raises(ConfigError, match="model.text.frozen_layers"):

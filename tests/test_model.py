@@ -437,6 +437,18 @@ def test_all_frozen_layers_lock_the_text_only_tower_and_leave_fusion_training():
     assert any(name.startswith("text.fusion.") for name, p in model.named_parameters() if p.requires_grad)
 
 
+def test_locked_text_layers_run_without_dropout_while_the_model_trains():
+    cfg = tiny_cfg()
+    cfg.model.text.frozen_layers = "all"
+    model = build_model(cfg).train()
+    ids, mask = torch.randint(5, 90, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    torch.testing.assert_close(model.text.encode(ids, mask), model.text.encode(ids, mask))
+    assert model.text.fusion[0].training  # the trained layers above keep their dropout
+    cfg.model.text.frozen_layers = 0
+    model = build_model(cfg).train()
+    assert not torch.equal(model.text.encode(ids, mask), model.text.encode(ids, mask))
+
+
 COMBOS = [c for r in range(1, 5) for c in itertools.combinations(OBJECTIVES, r)]
 
 

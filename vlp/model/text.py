@@ -206,12 +206,13 @@ class TextTower(nn.Module):
         self.grad_checkpointing = False
         frozen = len(self.layers) if cfg.frozen_layers == "all" else cfg.frozen_layers
         if isinstance(frozen, str) or not 0 <= frozen <= len(self.layers):
-            raise ConfigError(f"config key 'model.text.frozen_layers' must be 'all' or in [0, {len(self.layers)}] "
-                              f"(the text layers below the fusion layers), got {cfg.frozen_layers!r}")
-        if frozen:
-            self.embeddings.requires_grad_(False)
-            for layer in self.layers[:frozen]:
-                layer.requires_grad_(False)
+            raise ConfigError(f"config key 'model.text.frozen_layers' must be 'all' or in "
+                              f"[0, {len(self.layers)}] (the text layers below the fusion layers), "
+                              f"got {cfg.frozen_layers!r}")
+        # A plain list, not registered: the locked modules are already children of self.
+        self.locked: list[nn.Module] = [self.embeddings, *self.layers[:frozen]] if frozen else []
+        for module in self.locked:
+            module.requires_grad_(False)
 
     @property
     def width(self) -> int:

@@ -97,6 +97,15 @@ class VLPModel(nn.Module):
         self.set_grad_checkpointing(model_cfg.grad_checkpointing)
 
     # ------------------------------------------------------------------ utilities
+    def train(self, mode: bool = True) -> "VLPModel":
+        # Locked text layers are a fixed function (LiT): no dropout in them while the rest
+        # trains, so a caption's locked features are the same each time it is seen. Here, not
+        # in the text tower: the decoder shares some of those modules and would switch them on.
+        super().train(mode)
+        for module in self.text.locked:
+            module.eval()
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.set_grad_checkpointing(enable)
         self.text.grad_checkpointing = enable
