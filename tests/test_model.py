@@ -449,6 +449,48 @@ def test_locked_text_layers_run_without_dropout_while_the_model_trains():
     assert not torch.equal(model.text.encode(ids, mask), model.text.encode(ids, mask))
 
 
+def test_a_fully_locked_tower_keeps_caption_states_and_gives_what_a_forward_gives():
+    cfg = tiny_cfg()
+    cfg.model.text.frozen_layers = "all"
+    cfg.model.text.locked_cache = 6
+    model = build_model(cfg).train()
+    cache = model.text.locked_cache
+    first, second = tiny_batch(b=4, seed=0), tiny_batch(b=4, seed=1)
+    mixed = {k: torch.cat([first[k][:2], second[k][:2]]) for k in ("input_ids", "attention_mask")}
+    for batch in (first, mixed, second):  # second: two rows kept from `mixed`, two new
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        torch.testing.assert_close(model.text.encode(ids, mask), model.text._encode(ids, mask))
+    assert (cache.hits, cache.misses) == (2 + 2, 4 + 2 + 2)
+    assert len(cache.entries) == 6  # the capacity: the least recently used went out
+    model.load_state_dict(model.state_dict())
+    assert not cache.entries  # new weights: nothing kept is trusted
+    model.eval()
+    model.text.encode(first["input_ids"], first["attention_mask"])
+    assert not cache.entries  # evaluation encodes afresh and keeps nothing
+    cfg.model.text.frozen_layers = 1  # a text layer still trains: no cache
+    assert build_model(cfg).text.locked_cache is None
+
+
+def test_the_locked_cache_leaves_the_training_step_unchanged():
+    cfg = tiny_cfg()
+    cfg.model.text.frozen_layers = "all"
+    batch = tiny_batch(b=4)
+    grads = []
+    for capacity in (0, 100):
+        cfg.model.text.locked_cache = capacity
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        for _ in range(2):  # the second pass reads every caption from the cache
+            torch.manual_seed(1)
+            model.zero_grad()
+            model(batch)["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert model.text.locked_cache.hits == 4
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
 COMBOS = [c for r in range(1, 5) for c in itertools.combinations(OBJECTIVES, r)]
 
 

@@ -94,6 +94,10 @@ class TextConfig:
     # their backward and the tied LM head's weight gradient. 0: every layer trains; "all":
     # every text-only layer (the fusion layers above them still train).
     frozen_layers: int | str = 0
+    # With every text-only layer locked a caption's token states never change: keep them, by
+    # token ids, for up to this many captions (least recently used out; 0: off), and a caption
+    # seen again skips the text forward while training (LiT precomputes them).
+    locked_cache: int = 20000
 
 
 @dataclass

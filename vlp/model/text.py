@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,44 @@ def run_layers(layers, hidden: torch.Tensor, layout: TokenLayout, image_states: 
     return layout.unpack(hidden)
 
 
+class LockedTextCache:
+    """Token states of captions through a fully locked text tower, kept by token ids (least
+    recently used out past `capacity`): they are a fixed function of the ids, so a caption
+    seen again needs no forward. Rows are right-padded (`attention_mask` a prefix of ones);
+    a batch that is not is encoded as usual."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def encode(self, encode, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(1)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        if not torch.equal(attention_mask.bool(), positions[None] < lengths[:, None]):
+            return encode(input_ids, attention_mask)
+        ids, lengths = input_ids.cpu(), lengths.tolist()
+        keys = [ids[row, :n].numpy().tobytes() for row, n in enumerate(lengths)]
+        missing = [row for row, key in enumerate(keys) if key not in self.entries]
+        if missing:
+            fresh = encode(input_ids[missing], attention_mask[missing])
+            for j, row in enumerate(missing):
+                self.entries[keys[row]] = fresh[j, :lengths[row]].detach()
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        rows = []
+        for key in keys:
+            self.entries.move_to_end(key)
+            rows.append(self.entries[key])
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        states = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        return F.pad(states, (0, 0, 0, attention_mask.shape[1] - states.shape[1]))
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class TextTower(nn.Module):
     """`encode` runs the text-only path (ITC, FILIP, retrieval): the first L−K layers, or all
     L when the fusion layers are stacked on top; `fuse` continues it through the K fusion
@@ -213,6 +252,10 @@ class TextTower(nn.Module):
         self.locked: list[nn.Module] = [self.embeddings, *self.layers[:frozen]] if frozen else []
         for module in self.locked:
             module.requires_grad_(False)
+        self.locked_cache = (LockedTextCache(cfg.locked_cache)
+                             if frozen == len(self.layers) and cfg.locked_cache else None)
+        # New weights (a checkpoint loaded) make the kept states stale.
+        self.register_load_state_dict_post_hook(lambda module, _: module.clear_locked_cache())
 
     @property
     def width(self) -> int:
@@ -225,8 +268,18 @@ class TextTower(nn.Module):
     def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         # inputs_embeds: word embeddings given directly (learned prompt context, CoOp).
+        if self.locked_cache is not None and self.training and inputs_embeds is None:
+            return self.locked_cache.encode(self._encode, input_ids, attention_mask)
+        return self._encode(input_ids, attention_mask, inputs_embeds)
+
+    def _encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
         return run_layers(self.layers, hidden, TokenLayout(attention_mask), None, self.grad_checkpointing)
+
+    def clear_locked_cache(self) -> None:
+        if self.locked_cache is not None:
+            self.locked_cache.clear()
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
              image_states: torch.Tensor) -> torch.Tensor:
