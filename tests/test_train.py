@@ -464,6 +464,25 @@ def export_module(ckpt: Path):
     return model
 
 
+def test_under_a_budget_the_bar_counts_the_steps_the_time_left_allows(tmp_path):
+    from vlp.train.progress import RunLog
+
+    log = RunLog(tmp_path, total_steps=1_000_000, start_step=0, enabled=True)
+    for _ in range(10):  # half a second a step, one minute left: 120 more steps
+        log.step({"itc": 1.0}, lr=1e-3, world_size=1, step_time=0.5, data_time=0.0, samples=8,
+                 minutes_left=1.0)
+    assert log.bar.total == 10 + 120
+    log.step({"itc": 1.0}, lr=1e-3, world_size=1, step_time=0.5, data_time=0.0, samples=8,
+             minutes_left=1e6)
+    assert log.bar.total == 1_000_000  # train.steps still caps it
+    log.close()
+    (tmp_path / "steps").mkdir()
+    capped = RunLog(tmp_path / "steps", total_steps=50, start_step=0, enabled=True)
+    capped.step({"itc": 1.0}, lr=1e-3, world_size=1, step_time=0.5, data_time=0.0, samples=8)
+    assert capped.bar.total == 50  # no budget: the step count is the total
+    capped.close()
+
+
 def test_a_resumed_run_drops_the_metrics_lines_it_replays(tmp_path):
     from vlp.train.progress import RunLog
 

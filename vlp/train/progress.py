@@ -55,6 +55,8 @@ class RunLog:
         if dropped:
             print(f"{self.path}: dropped {dropped} line(s) past step {start_step}, the steps this run "
                   f"replays (one line per step and kind stays)", flush=True)
+        self.total_steps = total_steps
+        self.mean_step_time: float | None = None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                         dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
         try:
@@ -73,8 +75,17 @@ class RunLog:
                                         "wait": f"{data_time / max(step_time, 1e-9):.0%}"})
         if minutes_left is not None:  # under a time budget the step count is only a cap
             shown["left"] = f"{minutes_left:.1f}min"
+            self._project_total(minutes_left, step_time)
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
+
+    def _project_total(self, minutes_left: float, step_time: float) -> None:
+        """Under a budget the bar's total is the steps the time left allows at the recent pace
+        (at most train.steps), so its fraction and its ETA are the budget's, not a far cap's."""
+        recent = self.mean_step_time
+        self.mean_step_time = step_time if recent is None else 0.9 * recent + 0.1 * step_time
+        ahead = round(60.0 * minutes_left / max(self.mean_step_time, 1e-9))
+        self.bar.total = min(self.total_steps, self.bar.n + 1 + ahead)
 
     def record(self, step: int, kind: str, values: dict[str, Any]) -> None:
         """One line of metrics.jsonl; numeric values also go to TensorBoard as kind/name."""
