@@ -185,7 +185,7 @@ class LockedTextCache:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
     def encode(self, encode, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -255,7 +255,7 @@ class TextTower(nn.Module):
         self.locked_cache = (LockedTextCache(cfg.locked_cache)
                              if frozen == len(self.layers) and cfg.locked_cache else None)
         # New weights (a checkpoint loaded) make the kept states stale.
-        self.register_load_state_dict_post_hook(lambda module, _: module.clear_locked_cache())
+        self.register_load_state_dict_post_hook(TextTower._forget_after_load)
 
     @property
     def width(self) -> int:
@@ -277,9 +277,10 @@ class TextTower(nn.Module):
         hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
         return run_layers(self.layers, hidden, TokenLayout(attention_mask), None, self.grad_checkpointing)
 
-    def clear_locked_cache(self) -> None:
-        if self.locked_cache is not None:
-            self.locked_cache.clear()
+    @staticmethod
+    def _forget_after_load(tower: "TextTower", _incompatible_keys) -> None:
+        if tower.locked_cache is not None:
+            tower.locked_cache.clear()
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
              image_states: torch.Tensor) -> torch.Tensor:
