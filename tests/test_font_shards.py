@@ -137,3 +137,12 @@ def test_look_alike_groups_join_families_name_extensions_and_close_renders():
     dist[2, 4] = dist[4, 2] = fonts_tool.LOOK_ALIKE / 2
     np.fill_diagonal(dist, 0)
     assert fonts_tool.look_alike_groups(fonts, dist) == [[0, 1, 2, 4], [3]]
+
+
+def test_help_prints_the_default_classes(capsys):
+    """The default classes hold a '%', which argparse's help formatting once choked on."""
+    tool = load_tool("make_font_shards")
+    with pytest.raises(SystemExit) as stop:
+        tool.parse_args(["--help"])
+    assert stop.value.code == 0
+    assert tool.DEFAULT_CHARS in capsys.readouterr().out.replace("\n", "").replace(" ", "")

@@ -393,7 +393,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--fonts", type=Path, action="append", default=[],
                    help="a folder of font files (repeatable; default: every font fc-list lists)")
-    p.add_argument("--chars", default=DEFAULT_CHARS, help=f"the classes (default {DEFAULT_CHARS})")
+    p.add_argument("--chars", default=DEFAULT_CHARS, help=f"the classes (default {DEFAULT_CHARS.replace('%', '%%')})")
     p.add_argument("--train", type=int, default=4500, help="training images (default 4500)")
     p.add_argument("--val", type=int, default=450, help="val images, on held-out fonts (default 450)")
     p.add_argument("--zeroshot", type=int, default=450, help="zero-shot images, on other held-out fonts (default 450)")
