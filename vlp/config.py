@@ -94,6 +94,11 @@ class TextConfig:
     # their backward and the tied LM head's weight gradient. 0: every layer trains; "all":
     # every text-only layer (the fusion layers above them still train).
     frozen_layers: int | str = 0
+    # LiT when the captions repeat: if fewer than this share of the training captions are
+    # distinct (a sample of up to 10,000 read before training; a labelled set turned into
+    # captions has ~1%, web alt-text ~100%), a pretrained tower is locked whole
+    # (frozen_layers: all). 0: never.
+    lock_if_distinct_below: float = 0.0
     # With every text-only layer locked a caption's token states never change: keep them, by
     # token ids, for up to this many captions (least recently used out; 0: off), and a caption
     # seen again skips the text forward while training (LiT precomputes them).

@@ -29,6 +29,7 @@ from vlp.dtypes import DTYPES
 from vlp.train.precision import choose_precision, resolve_precision
 from vlp.train.progress import Meter, RunLog
 from vlp.train.rundir import prepare_run_dir
+from vlp.train.text_lock import lock_text_if_captions_repeat
 
 
 class StopRequest:
@@ -144,7 +145,7 @@ class Trainer:
 
         self.cfg = cfg
         # User mistakes fail here, before any process group or model exists.
-        expand_spec(cfg.data.train, "data.train")
+        train_urls = expand_spec(cfg.data.train, "data.train")
         if cfg.data.val:
             expand_spec(cfg.data.val, "data.val")  # not at the first eval, minutes later
         self.foils = training_foils(cfg)
@@ -161,6 +162,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_from = checkpoint.find_checkpoint(cfg.train.resume, self.ckpt_dir, world) if cfg.train.resume else None
         self.tokenizer = build_tokenizer(cfg.model.text)
+        lock_text_if_captions_repeat(cfg, train_urls, log=print if world.is_main else lambda text: None)
         self.loader = train_loader(cfg.data, self.tokenizer, rank=world.rank, world_size=world.world_size)
         # Same seed everywhere so every rank builds identical initial weights.
         torch.manual_seed(cfg.train.seed)
