@@ -46,6 +46,8 @@ def test_the_survey_counts_every_caption_of_a_sample_and_the_distinct_ones(tmp_p
     survey = survey_captions(urls)
     assert (survey.captions, survey.distinct, survey.shards) == (5, 3, 2)
     assert abs(survey.distinct_share - 3 / 5) < 1e-9
+    first = survey_captions(urls, first_only=True)  # what data.train_captions: first trains on
+    assert (first.captions, first.distinct) == (3, 2)
 
 
 def test_the_survey_reads_an_equal_part_of_shards_spread_over_the_list(tmp_path):

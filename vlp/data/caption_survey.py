@@ -27,8 +27,10 @@ class CaptionSurvey:
         return self.distinct / self.captions if self.captions else 1.0
 
 
-def survey_captions(urls: list[str], limit: int = 10000, max_shards: int = 16) -> CaptionSurvey:
-    """Read up to `limit` captions, an equal part from each of up to `max_shards` shards
+def survey_captions(urls: list[str], limit: int = 10000, max_shards: int = 16,
+                    first_only: bool = False) -> CaptionSurvey:
+    """Read up to `limit` captions (each sample's first alone with `first_only`, as
+    `data.train_captions: first` trains), an equal part from each of up to `max_shards` shards
     spread evenly over `urls` (a set written class by class still shows its variety). The
     first shards in order, not a random draw, so every rank and a resume decide alike.
     Unreadable samples and broken shards are passed over here: the loader counts them."""
@@ -38,7 +40,7 @@ def survey_captions(urls: list[str], limit: int = 10000, max_shards: int = 16) -
     seen: set[str] = set()
     total = 0
     for url in chosen:
-        total += _read_captions(url, per_shard, seen)
+        total += _read_captions(url, per_shard, seen, first_only)
     return CaptionSurvey(total, len(seen), len(chosen))
 
 
@@ -49,7 +51,7 @@ class _Uncounted(SkipCounter):
         pass
 
 
-def _read_captions(url: str, limit: int, seen: set[str]) -> int:
+def _read_captions(url: str, limit: int, seen: set[str], first_only: bool) -> int:
     read, skips = 0, _Uncounted()
     try:
         stream = wds.gopen(url)
@@ -62,8 +64,9 @@ def _read_captions(url: str, limit: int, seen: set[str]) -> int:
             parsed = parse_sample(sample, skips)
             if parsed is None:
                 continue
-            seen.update(parsed[1])
-            read += len(parsed[1])
+            captions = parsed[1][:1] if first_only else parsed[1]
+            seen.update(captions)
+            read += len(captions)
             if read >= limit:
                 break
     except (BrokenTar, OSError, EOFError):

@@ -24,7 +24,7 @@ def lock_text_if_captions_repeat(cfg: Config, urls: list[str], log: Callable[[st
         return
     from vlp.data.caption_survey import survey_captions
 
-    survey = survey_captions(urls)
+    survey = survey_captions(urls, first_only=cfg.data.train_captions == "first")
     share = survey.distinct_share
     verdict = (f"{share:.1%} of {survey.captions} captions sampled from {survey.shards} training "
                f"shard(s) are distinct (model.text.lock_if_distinct_below: {threshold:g})")
