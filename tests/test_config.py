@@ -93,6 +93,13 @@ def test_value_outside_its_choices_names_the_key_and_the_choices(override, key):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("value", ["50", "-0.1"])
+def test_a_caption_share_outside_0_1_is_refused(value):
+    # 50 meant as percent would otherwise lock the text tower on any data.
+    with pytest.raises(ConfigError, match=r"'model.text.lock_if_distinct_below' is a share .* \[0, 1\]"):
+        load_config(overrides=[f"model.text.lock_if_distinct_below={value}"])
+
+
 @pytest.mark.parametrize("override", ["data.crop_scale=[0.9", "data.mean={a: [1", "output_dir='runs/x"])
 def test_yaml_syntax_error_in_an_override_is_a_one_line_error_naming_it(override):
     with pytest.raises(ConfigError) as err:

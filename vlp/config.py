@@ -466,3 +466,6 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError("config key 'train.max_minutes' must be >= 0 (0: no time budget)")
     if not 0.0 <= cfg.train.warmup_fraction < 1.0:
         raise ConfigError("config key 'train.warmup_fraction' must be in [0, 1)")
+    if not 0.0 <= cfg.model.text.lock_if_distinct_below <= 1.0:
+        raise ConfigError("config key 'model.text.lock_if_distinct_below' is a share of the captions: "
+                          "it must be in [0, 1] (0: never lock)")

@@ -32,7 +32,7 @@ def survey_captions(urls: list[str], limit: int = 10000, max_shards: int = 16,
     """Read up to `limit` captions (each sample's first alone with `first_only`, as
     `data.train_captions: first` trains), an equal part from each of up to `max_shards` shards
     spread evenly over `urls` (a set written class by class still shows its variety). The
-    first shards in order, not a random draw, so every rank and a resume decide alike.
+    first samples of each, not a random draw, so every rank and a resume decide alike.
     Unreadable samples and broken shards are passed over here: the loader counts them."""
     step = max(1, len(urls) / max_shards)
     chosen = [urls[int(i * step)] for i in range(min(len(urls), max_shards))]

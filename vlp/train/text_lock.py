@@ -3,7 +3,7 @@
 On a labelled set turned into captions (a few phrasings of each class name), fine-tuning
 the pretrained text tower lets the contrastive loss push apart "a digit 7" and "the number
 7" of two images of 7, each the other's negative; locked, the tower keeps them together
-and the image tower learns to meet them (zero-shot +0.35-0.5 on two such sets). On
+and the image tower learns to meet them (zero-shot +0.3-0.5 on two such sets). On
 captions that rarely repeat (the emoji, relations) the locked tower loses retrieval and
 name search, so the lock follows the data (docs/benchmarks.md, "Lock when captions repeat").
 """
