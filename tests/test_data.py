@@ -490,3 +490,21 @@ def test_epoch_length_from_img2dataset_stats_when_sizes_json_is_absent(tmp_path)
     (tmp_path / "00001_stats.json").write_text(json.dumps({"count": 3}))
     with pytest.raises(ConfigError, match="no 'successes'"):
         count_samples(urls, None, "data.train_samples")
+
+
+def test_the_shard_reader_opens_any_webdataset_url_and_counts_an_unreadable_shard(tmp_path):
+    from vlp.data.shard_reader import parsed_samples
+    from vlp.data.skips import SkipCounter
+
+    spec = write_shards(tmp_path, "s", [good(i) for i in range(3)] + [{"__key__": "nocap", "jpg": jpeg()}],
+                        maxcount=8)
+    path = expand_spec(spec)[0]
+    skips = SkipCounter()
+    by_path = [(s.key, s.captions) for s in parsed_samples(path, skips)]
+    assert len(by_path) == 3 and skips.total["missing_caption"] == 1
+    assert [(s.key, s.captions) for s in parsed_samples(f"pipe:cat {path}", SkipCounter())] == by_path
+    skips = SkipCounter()
+    assert list(parsed_samples(str(tmp_path / "absent.tar"), skips)) == [] and skips.total["bad_tar"] == 1
+    skips = SkipCounter()
+    assert list(parsed_samples(f"pipe:cat {tmp_path / 'absent.tar'}", skips)) == []
+    assert skips.total["bad_tar"] == 1

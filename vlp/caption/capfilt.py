@@ -39,9 +39,8 @@ from vlp.atomic import atomic_write_json
 from vlp.caption import capfilt_stats
 from vlp.caption.evaluate import detokenize
 from vlp.data.images import EvalTransform, decode_image, to_uint8_tensor
-from vlp.data.loader import parse_sample
+from vlp.data.shard_reader import parsed_samples
 from vlp.data.skips import SkipCounter
-from vlp.data.tar import BrokenTar, member_extension, tar_samples
 from vlp.data.text import tokenize
 from vlp.data.writer import write_shard
 from vlp.model.scoring import itm_pair_scores
@@ -185,23 +184,13 @@ class CapFilt:
             yield batch
 
     def _samples(self, src: str, skips: SkipCounter) -> Iterator[_Sample]:
-        try:
-            with open(src, "rb") as stream:
-                for key, entries in tar_samples(stream):
-                    members = {member_extension(name): data for name, _, data in entries}
-                    parsed = parse_sample({"__key__": key, "__url__": src, **members}, skips)
-                    if parsed is None:
-                        continue
-                    image_bytes, captions, meta = parsed
-                    try:
-                        image = to_uint8_tensor(self.resize(decode_image(image_bytes, self.data_cfg.image_size)))
-                    except Exception as err:  # PIL raises many types for bad bytes
-                        skips.record("bad_image", f"{src}:{key}: {err}")
-                        continue
-                    yield _Sample(key, members, captions, meta, image)
-        except (BrokenTar, OSError) as err:
-            # The sample the damage cut into goes with the counted bad tar.
-            skips.record("bad_tar", f"{src}: {err}")
+        for sample in parsed_samples(src, skips):
+            try:
+                image = to_uint8_tensor(self.resize(decode_image(sample.image_bytes, self.data_cfg.image_size)))
+            except Exception as err:  # PIL raises many types for bad bytes
+                skips.record("bad_image", f"{src}:{sample.key}: {err}")
+                continue
+            yield _Sample(sample.key, sample.contents(), sample.captions, sample.meta, image)
 
     # ------------------------------------------------------------------ one batch
     @torch.no_grad()

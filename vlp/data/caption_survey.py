@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import webdataset as wds
-
-from vlp.data.loader import parse_sample
+from vlp.data.shard_reader import parsed_samples
 from vlp.data.skips import SkipCounter
-from vlp.data.tar import BrokenTar, member_extension, tar_samples
 
 
 @dataclass
@@ -52,25 +49,11 @@ class _Uncounted(SkipCounter):
 
 
 def _read_captions(url: str, limit: int, seen: set[str], first_only: bool) -> int:
-    read, skips = 0, _Uncounted()
-    try:
-        stream = wds.gopen(url)
-    except Exception:  # the loader reports an unreadable shard with its reason
-        return 0
-    try:
-        for key, members in tar_samples(stream):
-            sample = {"__key__": key, "__url__": url}
-            sample.update((member_extension(name), data) for name, _, data in members)
-            parsed = parse_sample(sample, skips)
-            if parsed is None:
-                continue
-            captions = parsed[1][:1] if first_only else parsed[1]
-            seen.update(captions)
-            read += len(captions)
-            if read >= limit:
-                break
-    except (BrokenTar, OSError, EOFError):
-        pass
-    finally:
-        stream.close()
+    read = 0
+    for sample in parsed_samples(url, _Uncounted()):
+        captions = sample.captions[:1] if first_only else sample.captions
+        seen.update(captions)
+        read += len(captions)
+        if read >= limit:
+            break
     return read
