@@ -108,6 +108,19 @@ def test_same_seed_same_bytes(built, tmp_path):
     assert (built / "foils.jsonl").read_bytes() != (other / "foils.jsonl").read_bytes()
 
 
+def test_a_small_vocabulary_holds_its_val_pairs_out_of_training(tmp_path):
+    # With 6 objects 80 scenes would meet every pair: the val pairs must be held out.
+    out = build(tmp_path / "small", "--objects", "6")
+    train, val = read_split(out, "train"), read_split(out, "val")
+    in_training = {k for r in train.values() for k in r["meta"]["emoji"]}
+    together = {frozenset(r["meta"]["emoji"]) for r in train.values()}
+    assert len(in_training) == 6 and len(together) == 15 - 6  # 6 of the 15 pairs held out
+    seen_pairs = {frozenset(r["meta"]["emoji"]) for r in val.values() if r["meta"]["novelty"] == "unseen pair"}
+    assert len(seen_pairs) == 6 and all(p <= in_training and p not in together for p in seen_pairs)
+    with pytest.raises(SystemExit, match="too few to hold"):
+        build(tmp_path / "tiny", "--objects", "4")
+
+
 def test_missing_demo_shards_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no train-.*tar in"):
         relations.main([str(tmp_path / "out"), "--demo", str(tmp_path)])

@@ -183,9 +183,30 @@ def tint_tables(colour: tuple[int, int, int]) -> tuple[list[int], ...]:
     return tuple(list(band.tobytes()) for band in ramp.split())
 
 
-def train_scenes(pool: list[Emoji], n: int, tinted_fraction: float, seed: int) -> list[Scene]:
+def small_vocabulary(pool: list[Emoji], args) -> tuple[list[Emoji], frozenset[frozenset[str]]]:
+    """`--objects N`: N emoji of the pool, and pairs of them kept out of training for the
+    val groups (with few objects every pair would otherwise meet in training)."""
+    if args.objects > len(pool):
+        raise SystemExit(f"--objects {args.objects}: only {len(pool)} usable training emoji")
+    rng = random.Random(f"{args.seed}/objects")
+    chosen = sorted(rng.sample(pool, args.objects), key=lambda e: e.key)
+    pairs = [frozenset((a.key, b.key)) for i, a in enumerate(chosen) for b in chosen[i + 1:]]
+    n_held = args.val_groups - round(args.val_groups * args.unseen_fraction)
+    if n_held > len(pairs) // 2:
+        raise SystemExit(f"--objects {args.objects} makes {len(pairs)} pairs: too few to hold {n_held} out of "
+                         f"training for val; lower --val-groups or raise --objects")
+    return chosen, frozenset(rng.sample(pairs, n_held))
+
+
+def train_scenes(pool: list[Emoji], n: int, tinted_fraction: float, seed: int,
+                 held_out: frozenset[frozenset[str]] = frozenset()) -> list[Scene]:
     rng = random.Random(f"{seed}/train")
-    return [random_scene(*rng.sample(pool, 2), rng, rng.random() < tinted_fraction) for _ in range(n)]
+    scenes = []
+    while len(scenes) < n:
+        pair = rng.sample(pool, 2)
+        if frozenset(e.key for e in pair) not in held_out:
+            scenes.append(random_scene(*pair, rng, rng.random() < tinted_fraction))
+    return scenes
 
 
 def siblings(scene: Scene) -> list[Scene]:
@@ -291,6 +312,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tinted-fraction", type=float, default=0.5,
                    help="share of training scenes with recoloured glyphs (default 0.5; val: every other group)")
     p.add_argument("--max-name-words", type=int, default=2, help="longest emoji name used (default 2 words)")
+    p.add_argument("--objects", type=int, default=0,
+                   help="draw training scenes from this many emoji only (default 0: all usable ones); "
+                        "a small vocabulary makes binding, not naming, the thing to learn")
     p.add_argument("--train-shards", type=int, default=4)
     p.add_argument("--val-shards", type=int, default=2)
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
@@ -299,6 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.train, args.val_groups, args.max_name_words, args.train_shards, args.val_shards) < 1:
         p.error("--train, --val-groups, --max-name-words and the shard counts must be >= 1")
+    if args.objects and args.objects < 4:
+        p.error("--objects must be 0 (all) or >= 4")
     if not (0 <= args.unseen_fraction <= 1 and 0 <= args.tinted_fraction <= 1):
         p.error("--unseen-fraction and --tinted-fraction must be in [0, 1]")
     return args
@@ -311,7 +337,10 @@ def main(argv=None) -> int:
     unseen = object_pool(args.demo, "val", args.max_name_words)
     if len(seen) < 4:
         raise SystemExit(f"only {len(seen)} usable training emoji in {args.demo}; need at least 4")
-    trained = train_scenes(seen, args.train, args.tinted_fraction, args.seed)
+    held_out = frozenset()
+    if args.objects:
+        seen, held_out = small_vocabulary(seen, args)
+    trained = train_scenes(seen, args.train, args.tinted_fraction, args.seed, held_out)
     groups = val_groups(seen, unseen, trained, args)
     train = [sample(f"r{i:06d}", s, args.quality, {}) for i, s in enumerate(trained)]
     val, lines = val_samples(groups, args.quality, args.seed)
