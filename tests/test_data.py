@@ -180,7 +180,9 @@ def test_the_loader_places_mirrored_twins_with_ids_of_their_own(tmp_path):
     batch = next(iter(train_loader(cfg_for(spec, mirror_twins=0.5, batch_size=8), None)))
     twins = [i for i, k in enumerate(batch["key"]) if k.endswith("#mirror")]
     assert len(twins) == 4 and all("to the right of" in batch["text"][i] for i in twins)
-    assert len(set(batch["image_id"].tolist())) == 8  # a twin is not its source's duplicate
+    ids = batch["image_id"].tolist()
+    assert not {ids[i] for i in twins} & {ids[i] for i in range(8) if i not in twins}  # not its source's duplicate
+    assert [ids[i] for i in twins] == [image_id(batch["key"][i]) for i in twins]
     plain = next(iter(train_loader(cfg_for(spec, batch_size=8), None)))
     assert not any(k.endswith("#mirror") for k in plain["key"])
 
