@@ -100,12 +100,6 @@ def test_a_caption_share_outside_0_1_is_refused(value):
         load_config(overrides=[f"model.text.lock_if_distinct_below={value}"])
 
 
-@pytest.mark.parametrize("value", [-0.1, 0.6, 25])
-def test_a_mirror_twin_share_outside_0_half_is_refused(value):
-    with pytest.raises(ConfigError, match=r"'data.mirror_twins' is a share of the batch: .* \[0, 0.5\]"):
-        load_config(overrides=[f"data.mirror_twins={value}"])
-
-
 @pytest.mark.parametrize("override", ["data.crop_scale=[0.9", "data.mean={a: [1", "output_dir='runs/x"])
 def test_yaml_syntax_error_in_an_override_is_a_one_line_error_naming_it(override):
     with pytest.raises(ConfigError) as err:

@@ -145,48 +145,6 @@ def test_loader_applies_mixgen_when_asked(tmp_path):
     assert all(len(t.split("caption")) == 2 for t in plain["text"])
 
 
-@pytest.mark.parametrize("caption, mirrored", [
-    ("a dog to the left of an apple", "a dog to the right of an apple"),
-    ("A cat on the Right and a cup on the left", "A cat on the Left and a cup on the right"),
-    ("the leftmost tree beside a house", "the rightmost tree beside a house"),
-    ("a dog above an apple", None), ("turn right at the light", None), ("all right", None)])
-def test_a_mirrored_caption_swaps_the_named_sides(caption, mirrored):
-    from vlp.data.mirror import mirrored_caption
-    assert mirrored_caption(caption) == mirrored
-
-
-def test_mirrored_twins_take_places_of_untwinned_samples_and_count_as_new_images():
-    from vlp.data.mirror import add_mirrored_twins
-    images = torch.arange(8 * 3 * 2 * 4, dtype=torch.uint8).reshape(8, 3, 2, 4)
-    original = images.clone()
-    texts = [f"a dog {i} to the left of a cup" if i % 2 == 0 else f"item {i}" for i in range(8)]
-    keys = [f"k{i}" for i in range(8)]
-    n = add_mirrored_twins(images, texts, keys, 0.25, random.Random(0))
-    twins = [i for i, k in enumerate(keys) if k.endswith("#mirror")]
-    assert n == 2 and len(twins) == 2
-    for place in twins:
-        source = keys.index(keys[place].removesuffix("#mirror"))
-        assert source % 2 == 0 and source not in twins
-        assert torch.equal(images[place], original[source].flip(-1))
-        assert texts[place] == texts[source].replace("left", "right")
-    untouched = [i for i in range(8) if i not in twins]
-    assert all(torch.equal(images[i], original[i]) for i in untouched)
-    assert add_mirrored_twins(images, ["no side"] * 8, list(keys), 0.5, random.Random(0)) == 0
-
-
-def test_the_loader_places_mirrored_twins_with_ids_of_their_own(tmp_path):
-    samples = [good(i, txt=f"a dog {i} to the left of a cup") for i in range(8)]
-    spec = write_shards(tmp_path, "train", samples, maxcount=8)
-    batch = next(iter(train_loader(cfg_for(spec, mirror_twins=0.5, batch_size=8), None)))
-    twins = [i for i, k in enumerate(batch["key"]) if k.endswith("#mirror")]
-    assert len(twins) == 4 and all("to the right of" in batch["text"][i] for i in twins)
-    ids = batch["image_id"].tolist()
-    assert not {ids[i] for i in twins} & {ids[i] for i in range(8) if i not in twins}  # not its source's duplicate
-    assert [ids[i] for i in twins] == [image_id(batch["key"][i]) for i in twins]
-    plain = next(iter(train_loader(cfg_for(spec, batch_size=8), None)))
-    assert not any(k.endswith("#mirror") for k in plain["key"])
-
-
 # --------------------------------------------------------------------------- specs
 
 def test_expand_spec_braces_and_joins(tmp_path):

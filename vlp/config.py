@@ -47,10 +47,6 @@ class DataConfig:
     # Pixel budget per image, after JPEG's reduced-scale decoding; checked from the header
     # before decoding. Larger images are counted skips (`image_too_large`); 0: no budget.
     max_image_pixels: int = 40_000_000
-    # Share of a training batch given to mirrored twins (vlp/data/mirror.py): a sample whose
-    # caption names a side ("to the left of") and its mirror image with the side swapped, a
-    # hard negative pair for left/right. 0: off; at most 0.5.
-    mirror_twins: float = 0.0
     # MixGen (Hao et al. 2023): blend two images, join their captions.
     mixgen_prob: float = 0.0
     mixgen_lambda: float = 0.5
@@ -464,8 +460,6 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError("config key 'data.max_image_pixels' must be >= 0 (0: no budget)")
     if cfg.eval.caption_samples < 0:
         raise ConfigError("config key 'eval.caption_samples' must be >= 0 (0: no caption metrics)")
-    if not 0.0 <= cfg.data.mirror_twins <= 0.5:
-        raise ConfigError("config key 'data.mirror_twins' is a share of the batch: it must be in [0, 0.5] (0: off)")
     if cfg.data.batch_size < 1:
         raise ConfigError("config key 'data.batch_size' must be >= 1")
     if cfg.train.max_minutes < 0:

@@ -24,7 +24,6 @@ from torch.utils.data import get_worker_info
 
 from vlp.config import ConfigError, DataConfig
 from vlp.data.images import IMAGE_EXTENSIONS, EvalTransform, ImageTooLarge, TrainTransform, decode_image
-from vlp.data.mirror import add_mirrored_twins
 from vlp.data.mixgen import mixgen
 from vlp.data.skips import SkipCounter
 from vlp.data.slots import BatchSlots, SlotRef
@@ -305,11 +304,14 @@ class _Batch:
 
     def collate(self, images: torch.Tensor, samples: list[dict], rng: random.Random) -> dict[str, Any]:
         keys = [s["key"] for s in samples]
-        batch: dict[str, Any] = {"image": images, "key": keys}
+        batch: dict[str, Any] = {
+            "image": images,
+            "key": keys,
+            "image_id": np.array([image_id(k) for k in keys], dtype=np.int64),
+        }
         if self.train:
             pick = rng.choice if self.cfg.train_captions == "all" else (lambda captions: captions[0])
             texts = [pick(s["captions"]) for s in samples]
-            add_mirrored_twins(images, texts, keys, self.cfg.mirror_twins, rng)
             batch["image"], texts = mixgen(images, texts, self.cfg.mixgen_prob, self.cfg.mixgen_lambda, rng)
         else:
             texts = [c for s in samples for c in s["captions"]]
@@ -317,7 +319,6 @@ class _Batch:
                 [i for i, s in enumerate(samples) for _ in s["captions"]], dtype=np.int64)
             batch["meta"] = [s["meta"] for s in samples]
         batch["text"] = texts
-        batch["image_id"] = np.array([image_id(k) for k in keys], dtype=np.int64)
         if self.tokenize is not None:
             batch.update(self.tokenize(texts))
         return batch
