@@ -13,6 +13,9 @@ Objects: demo emoji whose CLDR name is short (`--max-name-words`), has no qualif
 a colon (skin tones, flags), does not look plural, and holds no colour word of the tints;
 articles by a generic English rule.
 
+`--objects N` draws every training scene from N emoji (24 for the `relations24` set) and
+holds the val pairs out of training, so a short run has binding, not names, to learn.
+
 Splits: `train` scenes pair training emoji; `val` scenes pair emoji that are in training
 scenes but never together there ("unseen pair"), and, for a slice (`--unseen-fraction`),
 demo val emoji never seen in training at all ("unseen emoji"). Each val scene comes with
