@@ -190,7 +190,7 @@ class CapFilt:
             except Exception as err:  # PIL raises many types for bad bytes
                 skips.record("bad_image", f"{src}:{sample.key}: {err}")
                 continue
-            yield _Sample(sample.key, sample.contents(), sample.captions, sample.meta, image)
+            yield _Sample(sample.key, sample.contents, sample.captions, sample.meta, image)
 
     # ------------------------------------------------------------------ one batch
     @torch.no_grad()

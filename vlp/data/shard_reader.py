@@ -22,6 +22,7 @@ from vlp.data.tar import BrokenTar, member_extension, tar_samples
 class ParsedSample:
     key: str
     members: dict[str, tuple[str, int, bytes]]  # extension → (member name, byte offset in the tar, contents)
+    contents: dict[str, bytes]                  # extension → contents: what `parse_sample` read
     image_bytes: bytes
     captions: list[str]
     meta: dict
@@ -29,9 +30,6 @@ class ParsedSample:
     def image_member(self) -> tuple[str, int, bytes]:
         """The member `parse_sample` took the image from."""
         return next(self.members[ext] for ext in IMAGE_EXTENSIONS if ext in self.members)
-
-    def contents(self) -> dict[str, bytes]:
-        return {ext: data for ext, (_, _, data) in self.members.items()}
 
 
 def parsed_samples(url: str, skips: SkipCounter) -> Iterator[ParsedSample]:
@@ -47,10 +45,10 @@ def parsed_samples(url: str, skips: SkipCounter) -> Iterator[ParsedSample]:
     try:
         for key, entries in tar_samples(stream):
             members = {member_extension(name): (name, offset, data) for name, offset, data in entries}
-            raw = {"__key__": key, "__url__": url, **{ext: data for ext, (_, _, data) in members.items()}}
-            parsed = parse_sample(raw, skips)
+            contents = {ext: data for ext, (_, _, data) in members.items()}
+            parsed = parse_sample({"__key__": key, "__url__": url, **contents}, skips)
             if parsed is not None:
-                yield ParsedSample(key, members, *parsed)
+                yield ParsedSample(key, members, contents, *parsed)
     except (BrokenTar, OSError, EOFError) as err:
         # The sample the damage cut into is not yielded: it goes with the counted bad tar.
         broken = True
