@@ -67,6 +67,9 @@ def test_variants_are_more_vlp_arms_with_their_own_overrides(tmp_path, capsys):
     command = b.vlp_command(tmp_path / "late-seed0", 0, ["loss.itm.start=0.8"])
     # The variant's overrides come last, so they win over --set and the budget.
     assert command[-3:] == ["train.max_minutes=5", "train.precision=fp32", "loss.itm.start=0.8"]
+    # The vlp arms match open_clip's measured time, not the nominal budget.
+    matched = b.vlp_command(tmp_path / "vlp-seed0", 0, [], b.budget_of(348.6))
+    assert "train.max_minutes=5.8100" in matched and "train.max_minutes=5" not in matched
     for clash in (["vlp", "x=1"], ["open_clip"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--openclip-python", str(python), "--variant", *clash])

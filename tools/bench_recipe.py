@@ -2,7 +2,7 @@
 in the same run: both train for --budget-minutes of training time, then both are scored by
 vlp's metric code on the same images and texts: zero-shot top-1 (the `simple` templates and
 bare class names, `none`) and retrieval R@1/R@10 on the val split. Seeds run interleaved
-(vlp 0, open_clip 0, vlp 1, ...) so a drift in machine speed hits both arms alike; the
+(open_clip 0, vlp 0, open_clip 1, ...) so a drift in machine speed hits both arms alike; the
 report gives mean and spread over seeds.
 
     flock /tmp/vlp-heavy.lock python tools/bench_recipe.py --budget-minutes 5 --seeds 0 1 2
@@ -16,7 +16,9 @@ checkpoints only at the end.
 The open_clip arm is open_clip's trainer (ITC only, from scratch, towers OPENCLIP_MODEL) in
 its own virtualenv; it has no time budget, so its sample count is fitted to B from its step
 times (a probe, then the previous seed's run), and its precision is whichever of amp_bf16 and
-fp32 the probe finds faster. Training time = the sum of both trainers' own step times (data
+fp32 the probe finds faster. Its steps can still run slower than the ones they were fitted
+to, so each seed's vlp arms run after it with `train.max_minutes` set to the training time
+open_clip actually spent: the arms are equal by construction, B is their target. Training time = the sum of both trainers' own step times (data
 waits included; start-up, checkpoint export and evaluation excluded); the process wall time
 is reported beside it.
 
@@ -348,17 +350,25 @@ class Bench:
     openclip_batch: int  # vlp's global batch
     vlp_budget: list[str]  # overrides that end the vlp run at the budget (vlp_budget())
 
-    def vlp_command(self, run_dir: Path, seed: int, overrides: list[str] = ()) -> list[str]:
+    def budget_of(self, seconds: float) -> list[str]:
+        """The budget overrides with the time budget set to `seconds` (open_clip's measured
+        training time, which the vlp arms of the same seed then match)."""
+        return [f"train.max_minutes={seconds / 60:.4f}" if o.startswith("train.max_minutes=") else o
+                for o in self.vlp_budget]
+
+    def vlp_command(self, run_dir: Path, seed: int, overrides: list[str] = (),
+                    budget: list[str] | None = None) -> list[str]:
         ranks = ["--num_accelerators", str(self.args.vlp_ranks)] if self.args.vlp_ranks > 1 else []
         return [str(BIN / "deepspeed"), *ranks, str(REPO / "pipelines/pretrain.py"),
                 "--config", str(self.args.config), f"output_dir={run_dir}", f"data.train={self.args.train}",
                 "data.val=", f"train.seed={seed}", f"data.seed={seed}", "train.checkpoint_every=0",
-                "train.log_every=1", *self.vlp_budget, *self.args.set, *overrides]
+                "train.log_every=1", *(budget or self.vlp_budget), *self.args.set, *overrides]
 
-    def train_vlp(self, name: str, seed: int, arm: str = "vlp", overrides: list[str] = ()) -> dict:
+    def train_vlp(self, name: str, seed: int, arm: str = "vlp", overrides: list[str] = (),
+                  budget: list[str] | None = None) -> dict:
         run_dir = self.work / name
         env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-        wall, _ = run_logged(self.vlp_command(run_dir, seed, overrides), self.work / f"{name}.log", env)
+        wall, _ = run_logged(self.vlp_command(run_dir, seed, overrides, budget), self.work / f"{name}.log", env)
         times = vlp_step_times(run_dir)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in records if r["kind"] == "train"][-1]
@@ -438,20 +448,16 @@ def vlp_arms(variants: list[list[str]] | None) -> list[tuple[str, list[str]]]:
 
 def run_seeds(bench: Bench, sets: tuple[EvalSet, EvalSet | None, dict, FoilEval | None], n_classes: int,
               results: dict, save) -> None:
-    """vlp seed s (then each --variant's), then open_clip seed s, each scored right after it trains."""
+    """open_clip seed s, then vlp seed s (and each --variant's), each scored right after it
+    trains. open_clip has no time budget and its steps can run slower than the ones its
+    step count was fitted to (seen: 348 s for a 300-s budget), so the vlp arms get the
+    training time open_clip actually spent: equal by construction."""
     val, zeroshot, prompts, foils = sets
     labels = torch.tensor(zeroshot.labels) if zeroshot is not None else None
     args = bench.args
     precision, openclip_times, results["openclip_probe"] = bench.probe_openclip()
     results["openclip_precision"] = precision
     for seed in args.seeds:
-        for arm, overrides in args.arms:
-            run = bench.train_vlp(f"{arm}-seed{seed}", seed, arm, overrides)
-            model_dir = Path(run["model_dir"])
-            run["metrics"] = score(vlp_embeddings(model_dir, val, zeroshot, prompts, foils), labels, n_classes, foils)
-            if foils is not None:
-                run["metrics"].update(vlp_foil_scorers(model_dir, foils))
-            save(run)
         steps = steps_within(openclip_times, bench.budget_s, args.probe_skip)
         run = bench.train_openclip(f"openclip-seed{seed}", seed, steps, precision)
         emb = openclip_embeddings(args.openclip_python, bench.work / "openclip-models", Path(run["checkpoint"]),
@@ -459,6 +465,14 @@ def run_seeds(bench: Bench, sets: tuple[EvalSet, EvalSet | None, dict, FoilEval 
         run["metrics"] = score(emb, labels, n_classes, foils)
         openclip_times = run["step_times"]
         save(run)
+        budget = bench.budget_of(run["train_seconds"])
+        for arm, overrides in args.arms:
+            run = bench.train_vlp(f"{arm}-seed{seed}", seed, arm, overrides, budget)
+            model_dir = Path(run["model_dir"])
+            run["metrics"] = score(vlp_embeddings(model_dir, val, zeroshot, prompts, foils), labels, n_classes, foils)
+            if foils is not None:
+                run["metrics"].update(vlp_foil_scorers(model_dir, foils))
+            save(run)
 
 
 def fmt(s: dict[str, float], digits: int = 3) -> str:
