@@ -169,7 +169,10 @@ def measure(model, tokenizer, cfg, val: dict, args) -> dict:
            "rerank": recall_at_1(rerank_score(candidate_cos, p_match, float(model.logit_scale)))}
     if args.foils:
         report = evaluate_foils(model, tokenizer, read_foils(args.foils, args.foils_images), cfg.data)
-        out["foils"] = {s: report[s] for s in ("chance", "itc", "itm", "rerank") if s in report}
+        scorers = ("chance", "itc", "itm", "rerank")
+        out["foils"] = {s: report[s] for s in scorers if s in report}
+        out["foils"]["by_type"] = {kind: {s: row[s] for s in ("n", *scorers) if s in row}
+                                   for kind, row in report.get("by_type", {}).items()}
     return out
 
 
