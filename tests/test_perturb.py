@@ -52,6 +52,15 @@ def test_flip_relation_changes_exactly_one_relation_word():
     assert len(before) == len(after) and len(changed) == 1 and changed[0] in (("on", "under"), ("under", "over"))
 
 
+def test_flip_relation_swaps_both_sides_of_a_caption_that_names_both():
+    for seed in range(6):
+        rng = random.Random(seed)
+        assert perturb("a dog on the left and an apple on the right", "flip_relation", rng) == \
+            "a dog on the right and an apple on the left"
+        assert perturb("a cat at the top and a cyclone at the bottom", "flip_relation", rng) == \
+            "a cat at the bottom and a cyclone at the top"
+
+
 def test_inapplicable_rules_give_none_and_hard_negative_tries_the_others():
     rng = random.Random(0)
     assert perturb("red apple", "swap_objects", rng) is None

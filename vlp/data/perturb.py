@@ -12,6 +12,8 @@ Kinds (each returns None where it does not apply):
 - swap_objects:    two noun phrases trade places     → "a yellow apple to the left of a blue dog"
 - swap_attributes: two phrases trade modifiers       → "a yellow dog to the left of a blue apple"
 - flip_relation:   a relation word becomes its opposite → "a blue dog to the right of a yellow apple"
+                   (and its opposite becomes it: "on the left and ... on the right" → "on the
+                   right and ... on the left")
 - shuffle:         the words in a random order (NegCLIP's word-order negatives)
 Every kind but flip_relation keeps the multiset of words (up to a/an agreement).
 """
@@ -106,11 +108,20 @@ def _swap_attributes(words: list[str], rng: random.Random) -> list[str] | None:
 
 
 def _flip_relation(words: list[str], rng: random.Random) -> list[str] | None:
-    places = [i for i, w in enumerate(words) if w.lower() in OPPOSITES]
+    lower = [w.lower() for w in words]
+    places = [i for i, w in enumerate(lower) if w in OPPOSITES]
     if not places:
         return None
-    i = rng.choice(places)
-    return words[:i] + OPPOSITES[words[i].lower()].split() + words[i + 1:]
+    # Where the caption names both sides of a pair ("a dog on the left and an apple on the
+    # right"), that pair flips, both sides together: flipping one word alone says "on the
+    # right ... on the right", a caption no one writes, which a model can reject without
+    # reading the relation.
+    mutual = [i for i in places if OPPOSITES[OPPOSITES[lower[i]]] == lower[i]]
+    both_sides = [i for i in mutual if OPPOSITES[lower[i]] in lower]
+    word = lower[rng.choice(both_sides or places)]
+    other = OPPOSITES[word]
+    swap = {word: other, other: word} if OPPOSITES[other] == word else {word: other}
+    return [w for original, low in zip(words, lower) for w in (swap[low].split() if low in swap else [original])]
 
 
 def _shuffle(words: list[str], rng: random.Random) -> list[str] | None:
