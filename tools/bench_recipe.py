@@ -18,9 +18,9 @@ its own virtualenv; it has no time budget, so its sample count is fitted to B fr
 times (a probe, then the previous seed's run), and its precision is whichever of amp_bf16 and
 fp32 the probe finds faster. Its steps can still run slower than the ones they were fitted
 to, so each seed's vlp arms run after it with `train.max_minutes` set to the training time
-open_clip actually spent: the arms are equal by construction, B is their target. Training time = the sum of both trainers' own step times (data
-waits included; start-up, checkpoint export and evaluation excluded); the process wall time
-is reported beside it.
+open_clip actually spent: the arms are equal by construction, B is their target. Training
+time = the sum of both trainers' own step times (data waits included; start-up, checkpoint
+export and evaluation excluded); the process wall time is reported beside it.
 
 Evaluation texts: each val image's first caption (its .txt, the caption open_clip's trainer
 reads; vlp also trains on json "captions"). open_clip's embeddings come from
