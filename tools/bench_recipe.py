@@ -10,7 +10,8 @@ report gives mean and spread over seeds.
         --zeroshot 'DIR/zs-0000.tar' --label-field LABEL --classes DIR/classes.txt --out runs/bench_x
 
 The vlp arm is `deepspeed pipelines/pretrain.py --config CONFIG` (configs/demo.yaml unless
---config) with `train.max_minutes=B` (train.steps raised so that the budget ends the run, the
+--config) with `train.max_minutes` = open_clip's training time (below; train.steps raised so
+that the budget ends the run, the
 recipe's warmup kept as the same fraction of it); its own evaluation is off and it
 checkpoints only at the end.
 The open_clip arm is open_clip's trainer (ITC only, from scratch, towers OPENCLIP_MODEL) in
