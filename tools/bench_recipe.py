@@ -11,9 +11,8 @@ report gives mean and spread over seeds.
 
 The vlp arm is `deepspeed pipelines/pretrain.py --config CONFIG` (configs/demo.yaml unless
 --config) with `train.max_minutes` = open_clip's training time (below; train.steps raised so
-that the budget ends the run, the
-recipe's warmup kept as the same fraction of it); its own evaluation is off and it
-checkpoints only at the end.
+that the budget ends the run, the recipe's warmup kept as the same fraction of it); its own
+evaluation is off and it checkpoints only at the end.
 The open_clip arm is open_clip's trainer (ITC only, from scratch, towers OPENCLIP_MODEL) in
 its own virtualenv; it has no time budget, so its sample count is fitted to B from its step
 times (a probe, then the previous seed's run), and its precision is whichever of amp_bf16 and

@@ -116,12 +116,14 @@ def _flip_relation(words: list[str], rng: random.Random) -> list[str] | None:
     # right"), that pair flips, both sides together: flipping one word alone says "on the
     # right ... on the right", a caption no one writes, which a model can reject without
     # reading the relation.
-    mutual = [i for i in places if OPPOSITES[OPPOSITES[lower[i]]] == lower[i]]
-    both_sides = [i for i in mutual if OPPOSITES[lower[i]] in lower]
+    both_sides = [i for i in places
+                  if OPPOSITES[lower[i]] in lower and OPPOSITES[OPPOSITES[lower[i]]] == lower[i]]
     word = lower[rng.choice(both_sides or places)]
-    other = OPPOSITES[word]
-    swap = {word: other, other: word} if OPPOSITES[other] == word else {word: other}
-    return [w for original, low in zip(words, lower) for w in (swap[low].split() if low in swap else [original])]
+    swap = {word: OPPOSITES[word], OPPOSITES[word]: word} if both_sides else {word: OPPOSITES[word]}
+    out: list[str] = []
+    for original, low in zip(words, lower):
+        out += swap[low].split() if low in swap else [original]
+    return out
 
 
 def _shuffle(words: list[str], rng: random.Random) -> list[str] | None:
