@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from vlp.config import LossConfig
-from vlp.losses import (IGNORE, Filip, caption_loss, contrastive_loss, filip_loss, sigmoid_loss,
+from vlp.errors import ConfigError
+from vlp.losses import (IGNORE, ITC, Filip, caption_loss, contrastive_loss, filip_loss, sigmoid_loss,
                         filip_similarity, itm_loss, lm_targets, sample_hard_negatives, select_tokens)
 
 
@@ -43,6 +44,44 @@ def test_itc_with_hard_negative_columns_matches_loop_reference():
         t2i = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(4)])          # ...never rows
         rows.append(0.5 * (ce_row(i2t, i) + ce_row(t2i, i)))
     assert out["loss"].item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
+
+
+def test_itc_drop_hardest_leaves_the_highest_loss_pairs_out_of_the_mean():
+    img, txt, scale = unit(8, 8, seed=31), unit(8, 8, seed=32), torch.tensor(10.0)
+    rows = []
+    for i in range(8):
+        i2t = torch.stack([scale * torch.dot(img[i], txt[j]) for j in range(8)])
+        t2i = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(8)])
+        rows.append((0.5 * (ce_row(i2t, i) + ce_row(t2i, i))).item())
+    kept = sorted(rows)[:6]  # a quarter of 8 pairs: the two worst are left out
+    out = contrastive_loss(img, txt, scale, drop_hardest=0.25)
+    assert out["loss"].item() == pytest.approx(sum(kept) / 6, abs=1e-5)
+    assert out["loss"].item() < sum(rows) / 8
+
+
+def test_itc_dropped_pairs_still_serve_as_negatives():
+    img, txt = unit(8, 8, seed=33).requires_grad_(), unit(8, 8, seed=34).requires_grad_()
+    contrastive_loss(img, txt, torch.tensor(10.0), drop_hardest=0.5)["loss"].backward()
+    # every caption is a column of the kept rows: each gets a gradient, dropped or not
+    assert (txt.grad.norm(dim=1) > 0).all() and (img.grad.norm(dim=1) > 0).all()
+
+
+def test_itc_drop_share_ramps_with_progress_and_is_off_in_eval():
+    itc = ITC(ITC.Options(drop_hardest=0.4, drop_ramp=0.5), LossConfig())
+    shares = []
+    for progress in (0.0, 0.25, 0.5, 0.9):
+        itc.set_progress(0, progress)
+        shares.append(itc.drop_share)
+    assert shares == pytest.approx([0.0, 0.2, 0.4, 0.4])
+
+    class Batch:
+        image_emb, text_emb, negative_text_emb = unit(10, 8, seed=35), unit(10, 8, seed=36), None
+    assert itc.train()(Batch)["loss"] < itc.eval()(Batch)["loss"]  # eval: every pair counts
+
+
+def test_itc_drop_share_outside_0_1_is_a_config_error():
+    with pytest.raises(ConfigError, match="loss.itc.drop_hardest"):
+        ITC(ITC.Options(drop_hardest=1.0), LossConfig())
 
 
 # ------------------------------------------------------------------ SigLIP
