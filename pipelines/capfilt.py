@@ -4,11 +4,12 @@ or the plain ITC cosine), keep the matched ones, and write filtered shards in im
 
     python pipelines/capfilt.py --model runs/noisy/model --shards 'data/train-{000000..000007}.tar' \
         --out data/filtered [--synthetic 1] [--score csls|itc|itm] [--threshold auto|NUMBER] \
-        [--top-m 0] [--empty best|drop]
+        [--top-m 0] [--empty likely|best|drop]
 
-The defaults (CSLS scores, a mixture threshold per shard, an image keeps at least its best
-caption) are the filter that worked at CPU budgets on two development sets; BLIP's own
-filter is `--score itm --threshold 0.5 --empty drop`.
+The defaults (CSLS scores, a mixture threshold per shard, an image whose captions all fall
+short keeps its best one only when that one is nearer the mixture's high side) are the
+filter that worked at CPU budgets on two development sets; BLIP's own filter is
+`--score itm --threshold 0.5 --empty drop`.
 
 Several processes split the shards (`--rank R --world W`, or the RANK/WORLD_SIZE a launcher
 such as torchrun sets) into one --out; the last to finish writes the summary. A killed run
@@ -37,7 +38,7 @@ def threshold_arg(text: str) -> float | str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from vlp.caption.capfilt import CapFiltSettings
+    from vlp.caption.capfilt import EMPTY, CapFiltSettings
 
     default = CapFiltSettings()  # one source for the defaults of the flags and of the API
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,8 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "fitted to its original captions' scores splits them (for --score csls)")
     p.add_argument("--no-threshold", action="store_true", help="no threshold: keep the --top-m best")
     p.add_argument("--top-m", type=int, default=default.top_m, help="keep at most the m best captions per image (0: no cap)")
-    p.add_argument("--empty", choices=("drop", "best"), default=default.empty,
-                   help="an image with no caption kept: drop it, or keep its best caption")
+    p.add_argument("--empty", choices=EMPTY, default=default.empty,
+                   help="an image with no caption kept: drop it, keep its best caption, or (likely; with "
+                        "--threshold auto) keep its best when it lies above the midpoint of the mixture's "
+                        "low mean and the threshold")
     p.add_argument("--seed", type=int, default=default.seed, help="nucleus sampling seed (mixed with each shard's name)")
     p.add_argument("--batch-size", type=int, default=default.batch_size)
     p.add_argument("--rank", type=int, default=None, help="this process's share: shards[rank::world] (default: $RANK or 0)")

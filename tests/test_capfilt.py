@@ -176,6 +176,13 @@ def test_keep_rules_threshold_top_m_and_empty_images():
     c = cands(0.1, 0.3)
     _choose(c, CapFiltSettings(threshold=0.5, empty="best"), 0.5)
     assert kept(c) == ["1"]
+    for fallback, expected in ((0.25, ["1"]), (0.35, []), (None, ["1"])):  # likely: best only past the fallback
+        c = cands(0.1, 0.3)
+        _choose(c, CapFiltSettings(empty="likely"), 0.5, fallback)
+        assert kept(c) == expected
+    with pytest.raises(ValueError, match="empty 'likely' reads the mixture"):
+        CapFiltSettings(threshold=0.5, empty="likely").check()
+    CapFiltSettings(threshold=None, top_m=2, empty="likely").check()  # top-m alone leaves no image empty
     with pytest.raises(ValueError, match="threshold, a top_m"):
         CapFiltSettings(threshold=None, top_m=0).check()
 
@@ -244,13 +251,14 @@ def test_csls_with_automatic_thresholds_runs_end_to_end_and_splits_like_one_proc
 
 
 def test_the_mixture_threshold_splits_two_populations_between_them():
-    from vlp.caption.capfilt import mixture_threshold
+    from vlp.caption.capfilt import mixture_split
     rng = np.random.default_rng(0)
     wrong, right = rng.normal(-0.4, 0.1, 400), rng.normal(0.1, 0.15, 600)
-    threshold = mixture_threshold([*wrong, *right])
+    threshold, fallback = mixture_split([*wrong, *right])
     assert -0.3 < threshold < 0.0
     assert (wrong < threshold).mean() > 0.9 and (right >= threshold).mean() > 0.9
-    assert mixture_threshold([0.2, 0.2, 0.2, 0.2, 0.2]) is None and mixture_threshold([0.1, 0.5]) is None
+    assert fallback == pytest.approx((wrong.mean() + threshold) / 2, abs=0.02)  # halfway from the low mean
+    assert mixture_split([0.2, 0.2, 0.2, 0.2, 0.2]) is None and mixture_split([0.1, 0.5]) is None
     with pytest.raises(ValueError, match="threshold must be a number, 'auto'"):
         CapFiltSettings(threshold="half").check()
 

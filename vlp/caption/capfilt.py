@@ -6,7 +6,8 @@ the image (ITM match probability, ITC cosine, or the cosine's CSLS within the sh
 corrected for captions and images that are close to everything); captions at or above
 `threshold` (a number, or "auto": where a two-Gaussian mixture of the shard's original
 captions' scores splits them) and/or the `top_m` best are kept. An image left with none is
-dropped, or keeps its best caption (`empty: best`).
+dropped, keeps its best caption (`empty: best`), or keeps it only when it lies nearer the
+mixture's high side than its low one (`empty: likely`, the default).
 
 Each input shard becomes one output shard of the same name, in img2dataset layout: the key,
 the image bytes and every other member unchanged; `.txt` the best kept caption; the json
@@ -29,7 +30,7 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from vlp.padding import trim_padding
 
 log = logging.getLogger(__name__)
 SCORES = ("itm", "itc", "csls")
-EMPTY = ("drop", "best")
+EMPTY = ("drop", "best", "likely")
 
 
 @dataclass
@@ -65,7 +66,10 @@ class CapFiltSettings:
     threshold: Optional[float | str] = "auto"  # None: no threshold (top_m alone); "auto": per shard,
     #                               where a two-Gaussian mixture of its original captions' scores splits
     top_m: int = 0                # keep at most the m best per image (0: no cap)
-    empty: str = "best"           # an image with no caption kept: drop it, or keep its best
+    # An image with no caption kept: drop it, keep its best, or ("likely", with threshold
+    # "auto") keep its best when that one lies nearer the clean side than the noise: above
+    # the midpoint of the mixture's low mean and its threshold (docs/training.md, CapFilt).
+    empty: str = "likely"
     seed: int = 0
     batch_size: int = 32          # images per step; part of the settings (it orders sampling)
 
@@ -85,6 +89,9 @@ class CapFiltSettings:
             problems.append(f"top_m must be >= 0, got {self.top_m}")
         if isinstance(self.threshold, str) and self.threshold != "auto":
             problems.append(f"threshold must be a number, 'auto' or None, got {self.threshold!r}")
+        if self.empty == "likely" and isinstance(self.threshold, (int, float)):
+            problems.append(f"empty 'likely' reads the mixture of threshold 'auto'; with threshold "
+                            f"{self.threshold} choose empty 'best' or 'drop'")
         if self.threshold is None and self.top_m == 0:
             problems.append("give a threshold, a top_m, or both: otherwise every caption is kept")
         if self.batch_size < 1:
@@ -158,13 +165,13 @@ class CapFilt:
             bar.update(len(batch))
         if self.settings.score == "csls" and samples:
             _set_scores(candidates, _csls_scores(pools, self.settings.csls_k))
-        threshold = self.settings.threshold
+        threshold, fallback = self.settings.threshold, None
         if threshold == "auto":
-            threshold = mixture_threshold([c["score"] for cands in candidates for c in cands
-                                           if c["source"] == "original"])
+            split = mixture_split([c["score"] for cands in candidates for c in cands if c["source"] == "original"])
+            threshold, fallback = split if split else (None, None)
             stats["threshold"] = threshold
         for sample, chosen in zip(samples, candidates):
-            _choose(chosen, self.settings, threshold)
+            _choose(chosen, self.settings, threshold, fallback)
             capfilt_stats.count(stats, chosen)
             if any(c["kept"] for c in chosen):
                 yield _output_sample(sample, chosen)
@@ -279,12 +286,19 @@ def _candidates(originals: list[str], synthetic: list[str]) -> list[dict]:
     return out
 
 
-def mixture_threshold(scores: list[float], iterations: int = 300) -> Optional[float]:
+class MixtureSplit(NamedTuple):
+    threshold: float  # scores at or above it are kept
+    fallback: float   # empty "likely": an image's best caption is kept at or above it
+
+
+def mixture_split(scores: list[float], iterations: int = 300) -> Optional[MixtureSplit]:
     """Where a two-Gaussian mixture fitted to `scores` (EM) starts calling a score "high":
     the lowest score above the low component's mean whose posterior for the high component
     is at least 1/2. The noisy-label split of DivideMix (Li et al. 2020) and NCR (Huang et
     al. 2021), here on filter scores: it needs no threshold tuned to a data set's score
-    scale. None (keep everything) when there are too few scores to fit two components."""
+    scale. The fallback is halfway from the low mean to the threshold: an image whose
+    captions all fall short keeps a best one that is still nearer the high side. None
+    (keep everything) when there are too few scores to fit two components."""
     x = np.sort(np.asarray(scores, dtype=np.float64))
     if len(x) < 4 or x[0] == x[-1]:
         return None
@@ -300,17 +314,23 @@ def mixture_threshold(scores: list[float], iterations: int = 300) -> Optional[fl
     lo, hi = np.argsort(mean)
     high_posterior = posterior[:, hi]
     above = np.nonzero((x >= mean[lo]) & (high_posterior >= 0.5))[0]
-    return float(x[above[0]]) if len(above) else None
+    if not len(above):
+        return None
+    threshold = float(x[above[0]])
+    return MixtureSplit(threshold, float(0.5 * (mean[lo] + threshold)))
 
 
-def _choose(candidates: list[dict], settings: CapFiltSettings, threshold: Optional[float]) -> None:
+def _choose(candidates: list[dict], settings: CapFiltSettings, threshold: Optional[float],
+            fallback: Optional[float] = None) -> None:
     """Mark `kept`: at or above `threshold` (None: no threshold), at most top_m of them (best
-    first); none left → the best one when `empty` is "best"."""
+    first); none left → the best one when `empty` is "best", or "likely" and it reaches
+    `fallback` (None: no fallback, as "best")."""
     order = sorted(range(len(candidates)), key=lambda i: -candidates[i]["score"])
     kept = [i for i in order if threshold is None or candidates[i]["score"] >= threshold]
     if settings.top_m:
         kept = kept[:settings.top_m]
-    if not kept and settings.empty == "best":
+    likely = fallback is None or (order and candidates[order[0]]["score"] >= fallback)
+    if not kept and (settings.empty == "best" or settings.empty == "likely" and likely):
         kept = order[:1]
     for i in kept:
         candidates[i]["kept"] = True
