@@ -329,9 +329,10 @@ def _choose(candidates: list[dict], settings: CapFiltSettings, threshold: Option
     kept = [i for i in order if threshold is None or candidates[i]["score"] >= threshold]
     if settings.top_m:
         kept = kept[:settings.top_m]
-    likely = fallback is None or (order and candidates[order[0]]["score"] >= fallback)
-    if not kept and (settings.empty == "best" or settings.empty == "likely" and likely):
-        kept = order[:1]
+    if not kept and order:
+        likely = fallback is None or candidates[order[0]]["score"] >= fallback
+        if settings.empty == "best" or (settings.empty == "likely" and likely):
+            kept = order[:1]
     for i in kept:
         candidates[i]["kept"] = True
 
