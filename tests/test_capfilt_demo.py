@@ -63,6 +63,15 @@ def test_a_second_round_filters_the_noisy_shards_with_the_first_rounds_model(dem
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
 
 
+def test_noisy_overrides_reach_the_noisy_arm_alone(demo, tmp_path):
+    module, commands = demo
+    assert module.main([str(tmp_path), "--train", "t-{0..1}.tar", "--val", "v.tar",
+                        "--noisy-overrides", "loss.itc.drop_hardest=0.3", "--", "train.max_minutes=1"]) == 0
+    pretrains = {c[4].rsplit("/", 1)[-1]: c for c in commands if "pipelines/pretrain.py" in c}
+    assert pretrains["noisy"][-2:] == ["train.max_minutes=1", "loss.itc.drop_hardest=0.3"]
+    assert pretrains["clean"][-1] == pretrains["filtered"][-1] == "train.max_minutes=1"
+
+
 def test_rounds_below_one_are_refused(demo, tmp_path, capsys):
     module, commands = demo
     with pytest.raises(SystemExit):

@@ -15,6 +15,10 @@ overrides after `--`, the same for every arm; synthetic captions need a captione
 OUT/summary.json and prints t2i R@1/R@10 (ITC) per arm, the share of the noise's R@10 loss
 the filtered run recovers, and the filter's precision/recall on the planted captions.
 
+--noisy-overrides adds pretrain overrides to the noisy arm only: the small-loss trick
+(`loss.itc.drop_hardest=0.3`) makes a better judge of noisy captions but a worse model of
+clean ones, so the retraining arms go without it (docs/training.md, CapFilt).
+
 --rounds N bootstraps: round k > 1 filters the noisy shards again with the model trained on
 round k-1's output (`--capfilt` flags, then `--refilter`'s: by default no new synthetic
 captions), then pretrains on them (arm `filtered_round{k}`); each round is reported.
@@ -88,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="CapFilt rounds (each one more pretraining run)")
     p.add_argument("--refilter", default="--synthetic 0",
                    help="flags added to --capfilt's in rounds after the first")
+    p.add_argument("--noisy-overrides", default="",
+                   help="more pretrain overrides for the noisy arm alone, one string: the model that judges "
+                        "round 1 (e.g. 'loss.itc.drop_hardest=0.3', which costs retrieval on clean captions)")
     p.add_argument("overrides", nargs="*", help="pretrain key=value overrides for every arm")
     args = p.parse_intermixed_args(argv)  # overrides may follow the flags (after --)
     if args.rounds < 1:
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
     step(noisy / "planted.jsonl", [sys.executable, "tools/make_noisy_shards.py", "--fraction", str(args.fraction),
                                    "--seed", str(args.seed), args.train, str(noisy)])
     pretrain(out, "clean", args.train, args.val, args.overrides)
-    pretrain(out, "noisy", noisy_spec, args.val, args.overrides)
+    pretrain(out, "noisy", noisy_spec, args.val, args.overrides + shlex.split(args.noisy_overrides))
     rounds, model = [], out / "noisy" / "model"
     for k in range(1, args.rounds + 1):
         flags = shlex.split(args.capfilt) + (shlex.split(args.refilter) if k > 1 else [])
