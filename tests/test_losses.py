@@ -82,6 +82,8 @@ def test_itc_drop_share_ramps_with_progress_and_is_off_in_eval():
 def test_itc_drop_share_outside_0_1_is_a_config_error():
     with pytest.raises(ConfigError, match="loss.itc.drop_hardest"):
         ITC(ITC.Options(drop_hardest=1.0), LossConfig())
+    with pytest.raises(ConfigError, match="loss.itc.drop_ramp"):
+        ITC(ITC.Options(drop_hardest=0.3, drop_ramp=-0.1), LossConfig())
 
 
 # ------------------------------------------------------------------ SigLIP

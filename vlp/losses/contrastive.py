@@ -95,6 +95,8 @@ class ITC(Objective):
         self.scale = LearnableScale(1.0 / loss_cfg.init_temperature, loss_cfg.max_logit_scale)
         if not 0.0 <= options.drop_hardest < 1.0:
             raise ConfigError(f"config key 'loss.itc.drop_hardest' must be in [0, 1), got {options.drop_hardest}")
+        if not 0.0 <= options.drop_ramp <= 1.0:
+            raise ConfigError(f"config key 'loss.itc.drop_ramp' must be in [0, 1], got {options.drop_ramp}")
         self.drop_share = 0.0
 
     def set_progress(self, step: int, progress: float) -> None:
