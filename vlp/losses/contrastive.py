@@ -14,7 +14,7 @@ from torch import nn
 
 from vlp.errors import ConfigError
 from vlp.losses.distributed import gather_rows, gather_with_grad, world
-from vlp.losses.objective import Objective, ObjectiveOptions
+from vlp.losses.objective import Objective, ObjectiveOptions, linear_ramp
 
 
 def symmetric_cross_entropy(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor, labels: torch.Tensor,
@@ -100,8 +100,7 @@ class ITC(Objective):
         self.drop_share = 0.0
 
     def set_progress(self, step: int, progress: float) -> None:
-        ramp = self.options.drop_ramp
-        self.drop_share = self.options.drop_hardest * (min(1.0, progress / ramp) if ramp > 0 else 1.0)
+        self.drop_share = self.options.drop_hardest * linear_ramp(progress, 0.0, self.options.drop_ramp)
 
     def logit_scale(self) -> torch.Tensor:
         return self.scale()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.losses.distributed import gather_no_grad, gather_padded, gather_with_grad, world
-from vlp.losses.objective import Objective, OwnLayersOptions
+from vlp.losses.objective import Objective, OwnLayersOptions, linear_ramp
 
 
 @torch.no_grad()
@@ -67,8 +67,7 @@ class ITM(Objective):
     def set_progress(self, step: int, progress: float) -> None:
         options = self.options
         if options.hard_negatives_warmup_fraction > 0:
-            joined = max(0.0, progress - options.start)
-            self.hardness = min(1.0, joined / options.hard_negatives_warmup_fraction)
+            self.hardness = linear_ramp(progress, options.start, options.hard_negatives_warmup_fraction)
         elif options.hard_negatives_warmup > 0:
             self.hardness = min(1.0, step / options.hard_negatives_warmup)
         else:

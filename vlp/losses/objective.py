@@ -78,10 +78,16 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+def linear_ramp(progress: float, start: float, length: float) -> float:
+    """0 before `start`, then up linearly to 1 over `length` (fractions of the run; a length
+    of 0 jumps to 1 at `start`)."""
+    if progress < start:
+        return 0.0
+    if length <= 0:
+        return 1.0
+    return min(1.0, (progress - start) / length)
+
+
 def schedule_multiplier(options: ObjectiveOptions, progress: float) -> float:
     """The curriculum factor in [0, 1] of an objective at `progress` (fraction of the run)."""
-    if progress < options.start:
-        return 0.0
-    if options.ramp <= 0:
-        return 1.0
-    return min(1.0, (progress - options.start) / options.ramp)
+    return linear_ramp(progress, options.start, options.ramp)
