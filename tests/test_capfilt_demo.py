@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-R10 = {"clean": 0.7, "noisy": 0.3, "filtered": 0.5, "filtered_round2": 0.6}
+R10 = {"clean": 0.7, "noisy": 0.3, "judge": 0.4, "filtered": 0.5, "filtered_round2": 0.6}
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_a_second_round_filters_the_noisy_shards_with_the_first_rounds_model(dem
     # Round 2 adds --refilter's flags after --capfilt's, so its --synthetic 0 wins.
     assert capfilts[1][-4:] == ["--score", "csls", "--synthetic", "0"]
     pretrains = [c for c in commands if "pipelines/pretrain.py" in c]
-    assert [c[4] for c in pretrains] == [f"output_dir={tmp_path / arm}" for arm in R10]
+    assert [c[4] for c in pretrains] == [f"output_dir={tmp_path / arm}" for arm in R10 if arm != "judge"]
     assert all(c[-1] == "train.max_minutes=1" for c in pretrains)
     assert pretrains[-1][2] == f"data.train={tmp_path / 'round2_shards' / 'train-{0..1}.tar'}"
 
@@ -63,13 +63,22 @@ def test_a_second_round_filters_the_noisy_shards_with_the_first_rounds_model(dem
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
 
 
-def test_noisy_overrides_reach_the_noisy_arm_alone(demo, tmp_path):
+def test_judge_overrides_train_a_separate_judge_that_filters_round_one(demo, tmp_path):
     module, commands = demo
     assert module.main([str(tmp_path), "--train", "t-{0..1}.tar", "--val", "v.tar",
-                        "--noisy-overrides", "loss.itc.drop_hardest=0.3", "--", "train.max_minutes=1"]) == 0
+                        "--judge-overrides", "loss.itc.drop_hardest=0.3 loss.lm=1", "--", "train.max_minutes=1"]) == 0
     pretrains = {c[4].rsplit("/", 1)[-1]: c for c in commands if "pipelines/pretrain.py" in c}
-    assert pretrains["noisy"][-2:] == ["train.max_minutes=1", "loss.itc.drop_hardest=0.3"]
-    assert pretrains["clean"][-1] == pretrains["filtered"][-1] == "train.max_minutes=1"
+    assert list(pretrains) == ["clean", "noisy", "judge", "filtered"]
+    assert pretrains["judge"][2] == pretrains["noisy"][2] == f"data.train={tmp_path / 'noisy_shards' / 't-{0..1}.tar'}"
+    assert pretrains["judge"][-3:] == ["train.max_minutes=1", "loss.itc.drop_hardest=0.3", "loss.lm=1"]
+    assert all(pretrains[arm][-1] == "train.max_minutes=1" for arm in ("clean", "noisy", "filtered"))
+    capfilt = next(c for c in commands if "pipelines/capfilt.py" in c)
+    assert capfilt[capfilt.index("--model") + 1] == str(tmp_path / "judge" / "model")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["arms"]["judge"]["t2i_r10"] == 0.4
+    # The noise's cost and the recovery are measured on the plain recipe's noisy arm, not the judge's.
+    assert summary["r10_lost_to_noise"] == pytest.approx(0.4)
+    assert summary["r10_recovered_share"] == pytest.approx(0.5)
 
 
 def test_rounds_below_one_are_refused(demo, tmp_path, capsys):

@@ -8,16 +8,20 @@ same budget on the clean shards, on the clean val set.
         -- train.steps=120 train.precision=fp32 loss.lm=1
 
 Steps (each skipped when its output exists, so a rerun continues; every command is printed):
-make_noisy_shards → pretrain clean → pretrain noisy → capfilt → capfilt_noise_report →
-pretrain filtered. Pretraining uses the default config (configs/demo.yaml) plus the
-overrides after `--`, the same for every arm; synthetic captions need a captioner
-(`-- loss.lm=1`: the config trains ITC alone), ITM's filter `loss.itm=1`. Writes
-OUT/summary.json and prints t2i R@1/R@10 (ITC) per arm, the share of the noise's R@10 loss
-the filtered run recovers, and the filter's precision/recall on the planted captions.
+make_noisy_shards → pretrain clean → pretrain noisy [→ pretrain judge] → capfilt →
+capfilt_noise_report → pretrain filtered. Pretraining uses the default config
+(configs/demo.yaml) plus the overrides after `--`, the same for every arm; synthetic
+captions need a captioner in the model that filters (`loss.lm=1`: the config trains ITC
+alone), ITM's filter `loss.itm=1`. Writes OUT/summary.json and prints t2i R@1/R@10 (ITC)
+per arm, the share of the noise's R@10 loss the filtered run recovers, and the filter's
+precision/recall on the planted captions.
 
---noisy-overrides adds pretrain overrides to the noisy arm only: the small-loss trick
-(`loss.itc.drop_hardest=0.3`) makes a better judge of noisy captions but a worse model of
-clean ones, so the retraining arms go without it (docs/training.md, CapFilt).
+--judge-overrides trains one more arm on the noisy shards, `judge`, with these overrides
+added, and round 1 filters with it instead of the noisy arm: the small-loss trick and a
+captioner (`'loss.itc.drop_hardest=0.3 loss.lm=1'`) make a better judge of noisy captions
+but a worse model of clean ones (docs/training.md, CapFilt). The noisy arm stays the
+plain recipe on the noisy shards, so the R@10 the noise costs, and the share the filtered
+arm recovers, are measured against the recipe the other arms train.
 
 --rounds N bootstraps: round k > 1 filters the noisy shards again with the model trained on
 round k-1's output (`--capfilt` flags, then `--refilter`'s: by default no new synthetic
@@ -92,9 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="CapFilt rounds (each one more pretraining run)")
     p.add_argument("--refilter", default="--synthetic 0",
                    help="flags added to --capfilt's in rounds after the first")
-    p.add_argument("--noisy-overrides", default="",
-                   help="more pretrain overrides for the noisy arm alone, one string: the model that judges "
-                        "round 1 (e.g. 'loss.itc.drop_hardest=0.3', which costs retrieval on clean captions)")
+    p.add_argument("--judge-overrides", default="",
+                   help="train a separate judge for round 1 on the noisy shards with these pretrain overrides "
+                        "added, one string (e.g. 'loss.itc.drop_hardest=0.3 loss.lm=1')")
     p.add_argument("overrides", nargs="*", help="pretrain key=value overrides for every arm")
     args = p.parse_intermixed_args(argv)  # overrides may follow the flags (after --)
     if args.rounds < 1:
@@ -105,13 +109,16 @@ def main(argv=None) -> int:
     step(noisy / "planted.jsonl", [sys.executable, "tools/make_noisy_shards.py", "--fraction", str(args.fraction),
                                    "--seed", str(args.seed), args.train, str(noisy)])
     pretrain(out, "clean", args.train, args.val, args.overrides)
-    pretrain(out, "noisy", noisy_spec, args.val, args.overrides + shlex.split(args.noisy_overrides))
-    rounds, model = [], out / "noisy" / "model"
+    pretrain(out, "noisy", noisy_spec, args.val, args.overrides)
+    judge = "judge" if args.judge_overrides else "noisy"
+    if args.judge_overrides:
+        pretrain(out, judge, noisy_spec, args.val, args.overrides + shlex.split(args.judge_overrides))
+    rounds, model = [], out / judge / "model"
     for k in range(1, args.rounds + 1):
         flags = shlex.split(args.capfilt) + (shlex.split(args.refilter) if k > 1 else [])
         rounds.append(capfilt_round(out, k, model, args, flags))
         model = out / rounds[-1]["arm"] / "model"
-    arms = {arm: recalls(out / arm) for arm in ("clean", "noisy", *(r["arm"] for r in rounds))}
+    arms = {arm: recalls(out / arm) for arm in dict.fromkeys(("clean", "noisy", judge, *(r["arm"] for r in rounds)))}
     lost = arms["clean"]["t2i_r10"] - arms["noisy"]["t2i_r10"]
     for r in rounds:
         r["r10_recovered_share"] = (arms[r["arm"]]["t2i_r10"] - arms["noisy"]["t2i_r10"]) / lost if lost else None
