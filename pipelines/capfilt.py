@@ -7,7 +7,8 @@ or the plain ITC cosine), keep the matched ones, and write filtered shards in im
         [--top-m 0] [--empty likely|best|drop]
 
 The defaults (CSLS scores, a mixture threshold per shard, an image whose captions all fall
-short keeps its best one only when that one is nearer the mixture's high side) are the
+short keeps its best one only when it scores at least halfway from the mixture's low mean
+to the threshold) are the
 filter that worked at CPU budgets on two development sets; BLIP's own filter is
 `--score itm --threshold 0.5 --empty drop`.
 

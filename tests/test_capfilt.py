@@ -143,6 +143,17 @@ def test_changed_settings_are_refused_on_resume(tmp_path):
         run(out, synthetic=1)
 
 
+def test_settings_may_change_while_no_shard_is_finished(tmp_path):
+    """A first run that failed before finishing a shard (say, out of memory at its batch
+    size) must not lock the directory to the settings that failed."""
+    out = tmp_path / "retried"
+    capfilt_stats.check_settings(out, {**SETTINGS, "batch_size": 64, "model": "tiny"})
+    (out / "part0-000000.tar").write_bytes(b"half a shard, never finished")
+    summary = run(out)
+    assert summary["settings"]["batch_size"] == SETTINGS["batch_size"]
+    assert outputs(out) == outputs(reference_run())
+
+
 def test_a_shard_cut_inside_a_member_is_a_counted_skip(tmp_path):
     source = Path(tiny_shards()[2])
     with open(source, "rb") as stream:

@@ -4,6 +4,7 @@ themselves (pretraining, CapFilt) have their own tests; here they are replaced b
 that writes what each step would leave behind."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def demo(monkeypatch):
 def test_a_second_round_filters_the_noisy_shards_with_the_first_rounds_model(demo, tmp_path, capsys):
     module, commands = demo
     assert module.main([str(tmp_path), "--train", "data/train-{0..1}.tar", "--val", "data/val-0.tar",
-                        "--capfilt", "--synthetic 1 --score csls", "--rounds", "2", "--", "train.max_minutes=1"]) == 0
+                        "--capfilt", "--synthetic 1 --score csls", "--rounds", "2", "--", "loss.lm=1",
+                        "train.max_minutes=1"]) == 0
     capfilts = [c for c in commands if "pipelines/capfilt.py" in c]
     assert len(capfilts) == 2
     model = lambda c: c[c.index("--model") + 1]  # noqa: E731
@@ -87,3 +89,45 @@ def test_rounds_below_one_are_refused(demo, tmp_path, capsys):
         module.main([str(tmp_path), "--train", "t.tar", "--val", "v.tar", "--rounds", "0"])
     assert "--rounds must be at least 1" in capsys.readouterr().err
     assert commands == []
+
+
+def test_a_filter_the_judge_cannot_run_is_refused_before_any_training(demo, tmp_path, capsys):
+    module, commands = demo
+    with pytest.raises(SystemExit, match="needs a captioner"):  # CapFilt's default --synthetic 1, ITC-only config
+        module.main([str(tmp_path), "--train", "t.tar", "--val", "v.tar"])
+    with pytest.raises(SystemExit, match="needs an ITM head"):
+        module.main([str(tmp_path), "--train", "t.tar", "--val", "v.tar", "--capfilt", "--synthetic 0 --score itm"])
+    with pytest.raises(SystemExit, match="unknown"):  # a misspelt override, before any training too
+        module.main([str(tmp_path), "--train", "t.tar", "--val", "v.tar", "--capfilt", "--synthetic 0", "--",
+                     "loss.lmm=1"])
+    assert commands == []
+    # The judge's own overrides give it the captioner.
+    assert module.main([str(tmp_path), "--train", "t.tar", "--val", "v.tar", "--judge-overrides", "loss.lm=1"]) == 0
+
+
+def test_an_interrupted_arm_resumes_or_starts_again(demo, tmp_path):
+    module, _ = demo
+    arm = tmp_path / "noisy"
+    assert module.continuation(arm) == []
+    arm.mkdir()
+    (arm / "metrics.jsonl").write_text("{}\n")
+    assert module.continuation(arm) == ["train.overwrite=true"]  # killed before its first checkpoint
+    (arm / "checkpoints" / "step_100").mkdir(parents=True)
+    assert module.continuation(arm) == ["train.resume=auto"]
+
+
+def test_an_interrupted_report_does_not_count_as_done(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("capfilt_demo_real", ROOT / "tools" / "capfilt_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(module.subprocess, "run", interrupted)
+    report = tmp_path / "filter_report.json"
+    with pytest.raises(KeyboardInterrupt):
+        module.step(report, ["report"], report)
+    assert not report.exists()
+    monkeypatch.undo()
+    module.step(report, [sys.executable, "-c", "import json; print(json.dumps({'ok': 1}))"], report)
+    assert json.loads(report.read_text()) == {"ok": 1}

@@ -77,3 +77,27 @@ def test_the_rates_at_a_kept_share_of_right_captions_are_read_off_the_right_scor
     assert point["right_kept"] == 0.9 and point["wrong_removed"] == 1 / 3
     assert point["removal_precision"] == 0.5  # removed: the 0.5 planted and the right 1.0
     assert capfilt_noise_report.at_right_kept(wrong, 0.9) is None
+
+
+def test_a_set_with_nothing_left_to_plant_is_an_error_not_an_endless_search(tmp_path, capsys):
+    import random
+    captions = [["a dog"], ["a dog"], ["a cat", "a dog"]]
+    # Draws alone would rarely find it: the exhaustive pass does.
+    assert make_noisy_shards._donation(captions, ["a dog"], 0, random.Random(0), draws=0) == (2, "a cat")
+    try:
+        make_noisy_shards.plant([["a dog"], ["a dog"]], 0.5, seed=0)  # each carries the other's only caption
+    except ValueError as err:
+        assert "nothing to plant" in str(err)
+    else:
+        raise AssertionError("planting into a set with no foreign caption must fail")
+
+
+def test_report_errors_name_the_problem(tmp_path, capsys):
+    plant(tmp_path / "noisy")
+    planted = str(tmp_path / "noisy/planted.jsonl")
+    # The noisy shards themselves are not a CapFilt output.
+    assert capfilt_noise_report.main(["--planted", planted, "--filtered", str(tmp_path / "noisy")]) == 2
+    assert "not a CapFilt output" in capsys.readouterr().err
+    assert capfilt_noise_report.main(["--planted", str(tmp_path / "missing.jsonl"),
+                                      "--filtered", str(tmp_path / "noisy")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

@@ -9,7 +9,9 @@ same budget on the clean shards, on the clean val set.
 
 Steps (each skipped when its output exists, so a rerun continues; every command is printed):
 make_noisy_shards → pretrain clean → pretrain noisy [→ pretrain judge] → capfilt →
-capfilt_noise_report → pretrain filtered. Pretraining uses the default config
+capfilt_noise_report → pretrain filtered. A pretraining arm that was interrupted resumes
+from its newest checkpoint (or starts again when it saved none). A finished step is not
+redone when the flags change: use a new OUT for new flags. Pretraining uses the default config
 (configs/demo.yaml) plus the overrides after `--`, the same for every arm; synthetic
 captions need a captioner in the model that filters (`loss.lm=1`: the config trains ITC
 alone), ITM's filter `loss.itm=1`. Writes OUT/summary.json and prints t2i R@1/R@10 (ITC)
@@ -36,29 +38,69 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vlp.atomic import atomic_write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlp.atomic import atomic_write_json  # noqa: E402
+from vlp.caption.capfilt import CapFiltSettings  # noqa: E402
+from vlp.config import ConfigError, load_config  # noqa: E402
+from vlp.model.vlp_model import enabled_objectives  # noqa: E402
+from vlp.train.rundir import earlier_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # pipelines/pretrain.py's default
 
 
 def step(done: Path, command: list[str], log: Path | None = None) -> None:
+    """Run `command` unless `done` exists. When the log is the done marker (a report), it is
+    written aside and renamed on success: an interrupted report must not count as done."""
     print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
     if done.exists():
         print(f"  (done: {done} exists)", flush=True)
         return
-    with open(log, "w") if log else open("/dev/null", "w") as sink:
+    sink_path = done.with_name(done.name + ".part") if log == done else log
+    with open(sink_path, "w") if log else open("/dev/null", "w") as sink:
         result = subprocess.run(command, cwd=REPO, stdout=sink if log else None,
                                 stderr=subprocess.STDOUT if log else None)
     if result.returncode != 0:
-        if log == done:  # a half-written report must not count as done
-            done.unlink(missing_ok=True)
-        raise SystemExit(f"failed ({result.returncode}): see {log or 'the output above'}")
+        raise SystemExit(f"failed ({result.returncode}): see {sink_path or 'the output above'}")
+    if log == done:
+        sink_path.replace(done)
 
 
 def pretrain(out: Path, arm: str, train: str, val: str, overrides: list[str]) -> None:
     step(out / arm / "eval.json",
          [sys.executable, "pipelines/pretrain.py", f"data.train={train}", f"data.val={val}",
-          f"output_dir={out / arm}", *overrides], out / f"{arm}.log")
+          f"output_dir={out / arm}", *overrides, *continuation(out / arm)], out / f"{arm}.log")
+
+
+def continuation(run: Path) -> list[str]:
+    """How to rerun an arm that an interruption left unfinished: from its newest checkpoint,
+    or from the start when it saved none (the run directory refuses a plain rerun)."""
+    if not earlier_run(run):
+        return []
+    checkpoints = run / "checkpoints"
+    return ["train.resume=auto"] if checkpoints.is_dir() and any(checkpoints.iterdir()) else ["train.overwrite=true"]
+
+
+def check_judge(overrides: list[str], capfilt_flags: list[str]) -> None:
+    """Refuse, before any training, a filter the judging model cannot run: synthetic
+    captions need its captioner (loss.lm), ITM scores its fusion head (loss.itm)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--synthetic", type=int, default=CapFiltSettings.synthetic)
+    parser.add_argument("--score", default=CapFiltSettings.score)
+    flags, _ = parser.parse_known_args(capfilt_flags)
+    try:
+        cfg = load_config(DEMO_CONFIG, overrides)
+        trained = {objective.name for objective in enabled_objectives(cfg.model, cfg.loss)}
+    except ConfigError as err:
+        raise SystemExit(f"capfilt_demo: error: {err}") from None
+    if flags.synthetic and "lm" not in trained:
+        raise SystemExit(f"capfilt_demo: error: --synthetic {flags.synthetic} (CapFilt's default) needs a captioner "
+                         f"in the judging model: add loss.lm=1 to the overrides (or --judge-overrides), "
+                         f"or filter alone with --capfilt '--synthetic 0'")
+    if flags.score == "itm" and "itm" not in trained:
+        raise SystemExit("capfilt_demo: error: --score itm needs an ITM head in the judging model: add loss.itm=1 "
+                         "to the overrides (or --judge-overrides), or score with csls / itc")
 
 
 def recalls(run: Path) -> dict:
@@ -91,7 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--train", required=True, help="clean training shards (one directory, brace spec)")
     p.add_argument("--val", required=True, help="clean val shards")
     p.add_argument("--fraction", type=float, default=0.4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the planted noise (training seeds are overrides: data.seed=K train.seed=K)")
     p.add_argument("--capfilt", default="", help="extra pipelines/capfilt.py flags, one string")
     p.add_argument("--rounds", type=int, default=1, help="CapFilt rounds (each one more pretraining run)")
     p.add_argument("--refilter", default="--synthetic 0",
@@ -103,6 +146,9 @@ def main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)  # overrides may follow the flags (after --)
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if "::" in args.train:
+        p.error("--train must be one directory's shards (a brace spec), not a '::' list")
+    check_judge(args.overrides + shlex.split(args.judge_overrides), shlex.split(args.capfilt))
     out = args.out.resolve()
     noisy = out / "noisy_shards"
     noisy_spec = str(noisy / Path(args.train).name)

@@ -7,8 +7,8 @@ planted.jsonl that tools/make_noisy_shards.py wrote.
 Reads every original caption's verdict (the `capfilt` lists of the output shards and of
 capfilt/*.dropped.jsonl) and prints one JSON line: planted (wrong) captions removed /
 total (`wrong_removed`, the filter's recall on the noise), right captions kept / total
-(`right_kept`), the precision of the removals, and the same two rates had the threshold
-been each of `--sweep` instead (from the recorded scores; top-m and the empty-image rule
+(`right_kept`), the precision of the removals, and the same rates had the threshold been
+each of `--sweep` instead (the default sweep is on ITM's [0, 1] scale) (from the recorded scores; top-m and the empty-image rule
 are not replayed there), and, on any score scale, at the thresholds that would keep each
 `--right-kept` share of the right captions (`at_right_kept`: the filter target's operating
 point).
@@ -33,7 +33,11 @@ def verdicts(filtered: Path) -> list[tuple[str, dict]]:
             for key, entries in tar_samples(stream):
                 for name, _, data in entries:
                     if member_extension(name) == "json":
-                        out += [(key, c) for c in json.loads(data)["capfilt"] if c["source"] == "original"]
+                        meta = json.loads(data)
+                        if "capfilt" not in meta:
+                            raise ValueError(f"{shard} is not a CapFilt output ({key}.json has no 'capfilt' list): "
+                                             f"--filtered takes the --out directory of pipelines/capfilt.py")
+                        out += [(key, c) for c in meta["capfilt"] if c["source"] == "original"]
     for listing in sorted((filtered / "capfilt").glob("*.dropped.jsonl")):
         for line in listing.read_text().splitlines():
             row = json.loads(line)
@@ -71,8 +75,14 @@ def main(argv=None) -> int:
     p.add_argument("--right-kept", type=float, nargs="*", default=[0.9, 0.95],
                    help="also report the rates at the thresholds that keep these shares of the right captions")
     args = p.parse_args(argv)
-    planted = {(row["key"], row["planted"]) for row in map(json.loads, args.planted.read_text().splitlines())}
-    judged = [((key, c["text"]) in planted, c["score"], c["kept"]) for key, c in verdicts(args.filtered)]
+    if not all(0.0 < share <= 1.0 for share in args.right_kept):
+        p.error(f"--right-kept shares must be in (0, 1], got {args.right_kept}")
+    try:
+        planted = {(row["key"], row["planted"]) for row in map(json.loads, args.planted.read_text().splitlines())}
+        judged = [((key, c["text"]) in planted, c["score"], c["kept"]) for key, c in verdicts(args.filtered)]
+    except (OSError, ValueError, KeyError) as err:
+        print(f"capfilt_noise_report: error: {err}", file=sys.stderr)
+        return 2
     if not judged:
         print(f"capfilt_noise_report: no capfilt verdicts under {args.filtered}", file=sys.stderr)
         return 2

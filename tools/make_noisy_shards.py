@@ -7,7 +7,8 @@ another image, and record which (for measuring a filter such as CapFilt).
 Every caption of every sample (the .txt and each json `captions` entry) is one slot;
 exactly round(fraction x slots) slots, chosen with `--seed`, get a caption drawn from a
 different image, never one the sample already carries. Everything else is copied unchanged
-(image bytes, other json fields, keys, shard names and sizes). Deterministic: the same
+(image bytes, other json fields, keys, shard names); a sample the loader could not use (no
+image, no caption, bad json) and a damaged shard's tail are left out, counted in `skipped`. Deterministic: the same
 input, fraction and seed give byte-identical output.
 
 Writes OUT/NAME.tar for each input shard, OUT/sizes.json, and OUT/planted.jsonl: one line
@@ -25,23 +26,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlp.atomic import atomic_write_text  # noqa: E402
-from vlp.data.loader import parse_sample  # noqa: E402
+from vlp.caption.capfilt_stats import output_names  # noqa: E402
+from vlp.data.shard_reader import parsed_samples  # noqa: E402
 from vlp.data.skips import SkipCounter  # noqa: E402
 from vlp.data.sources import expand_spec  # noqa: E402
-from vlp.data.tar import member_extension, tar_samples  # noqa: E402
 from vlp.data.writer import write_shard, write_sizes  # noqa: E402
 
 
 def read_samples(shard: str, skips: SkipCounter) -> list[tuple[str, dict[str, bytes], list[str], dict]]:
-    """(key, members, captions, json) of each usable sample; unusable ones are counted."""
-    out = []
-    with open(shard, "rb") as stream:
-        for key, entries in tar_samples(stream):
-            members = {member_extension(name): data for name, _, data in entries}
-            parsed = parse_sample({"__key__": key, "__url__": shard, **members}, skips)
-            if parsed is not None:
-                out.append((key, members, parsed[1], parsed[2]))
-    return out
+    """(key, members, captions, json) of each usable sample; unusable ones (and a damaged
+    shard's tail) are counted skips."""
+    return [(s.key, s.contents, s.captions, s.meta) for s in parsed_samples(shard, skips)]
 
 
 def plant(captions: list[list[str]], fraction: float, seed: int) -> list[dict]:
@@ -55,14 +50,26 @@ def plant(captions: list[list[str]], fraction: float, seed: int) -> list[dict]:
     current = [list(c) for c in captions]
     out = []
     for image, slot in chosen:
-        while True:
-            donor = rng.randrange(len(captions))
-            text = rng.choice(captions[donor])
-            if donor != image and text not in current[image]:
-                break
+        donor, text = _donation(captions, current[image], image, rng)
         current[image][slot] = text
         out.append({"image": image, "slot": slot, "donor": donor, "planted": text})
     return out
+
+
+def _donation(captions: list[list[str]], carried: list[str], image: int, rng: random.Random,
+              draws: int = 1000) -> tuple[int, str]:
+    """A (donor, caption) of another image that `image` does not carry: random draws, then
+    (on sets where few would do) the first one of them all; none at all is an error."""
+    for _ in range(draws):
+        donor = rng.randrange(len(captions))
+        text = rng.choice(captions[donor])
+        if donor != image and text not in carried:
+            return donor, text
+    for donor, texts in enumerate(captions):
+        for text in texts:
+            if donor != image and text not in carried:
+                return donor, text
+    raise ValueError(f"image {image} already carries every other image's captions: nothing to plant")
 
 
 def noisy_sample(key: str, members: dict[str, bytes], captions: list[str], meta: dict) -> dict:
@@ -89,7 +96,12 @@ def main(argv=None) -> int:
     skips = SkipCounter()
     per_shard = [read_samples(s, skips) for s in shards]
     flat = [sample for samples in per_shard for sample in samples]
-    replacements = plant([s[2] for s in flat], args.fraction, args.seed)
+    try:
+        output_names(shards)
+        replacements = plant([s[2] for s in flat], args.fraction, args.seed)
+    except ValueError as err:
+        print(f"make_noisy_shards: error: {err}", file=sys.stderr)
+        return 2
     captions = [list(s[2]) for s in flat]
     lines = []
     for r in replacements:

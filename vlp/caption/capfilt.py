@@ -6,8 +6,8 @@ the image (ITM match probability, ITC cosine, or the cosine's CSLS within the sh
 corrected for captions and images that are close to everything); captions at or above
 `threshold` (a number, or "auto": where a two-Gaussian mixture of the shard's original
 captions' scores splits them) and/or the `top_m` best are kept. An image left with none is
-dropped, keeps its best caption (`empty: best`), or keeps it only when it lies nearer the
-mixture's high side than its low one (`empty: likely`, the default).
+dropped, keeps its best caption (`empty: best`), or keeps it only when it scores at least
+halfway from the mixture's low mean to its threshold (`empty: likely`, the default).
 
 Each input shard becomes one output shard of the same name, in img2dataset layout: the key,
 the image bytes and every other member unchanged; `.txt` the best kept caption; the json
@@ -67,8 +67,8 @@ class CapFiltSettings:
     #                               where a two-Gaussian mixture of its original captions' scores splits
     top_m: int = 0                # keep at most the m best per image (0: no cap)
     # An image with no caption kept: drop it, keep its best, or ("likely", with threshold
-    # "auto") keep its best when that one lies nearer the clean side than the noise: above
-    # the midpoint of the mixture's low mean and its threshold (docs/training.md, CapFilt).
+    # "auto") keep its best when it scores at least the midpoint of the mixture's low mean
+    # and its threshold (docs/training.md, CapFilt).
     empty: str = "likely"
     seed: int = 0
     batch_size: int = 32          # images per step; part of the settings (it orders sampling)
@@ -91,9 +91,9 @@ class CapFiltSettings:
             problems.append(f"threshold must be a number, 'auto' or None, got {self.threshold!r}")
         if self.empty == "likely" and isinstance(self.threshold, (int, float)):
             problems.append(f"empty 'likely' reads the mixture of threshold 'auto'; with threshold "
-                            f"{self.threshold} choose empty 'best' or 'drop'")
+                            f"{self.threshold} choose --empty best or --empty drop")
         if self.threshold is None and self.top_m == 0:
-            problems.append("give a threshold, a top_m, or both: otherwise every caption is kept")
+            problems.append("give a threshold, a top_m (--top-m), or both: otherwise every caption is kept")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if problems:
@@ -117,9 +117,10 @@ class CapFilt:
         settings.check()
         if settings.synthetic and not model.has_decoder:
             raise ValueError("synthetic captions need a captioning decoder, and this model was trained "
-                             "with loss.lm: 0; pretrain with loss.lm > 0 or filter only (synthetic 0)")
+                             "with loss.lm: 0; pretrain with loss.lm > 0 or filter only (--synthetic 0)")
         if settings.score == "itm" and not model.has_itm:
-            raise ValueError("score 'itm' needs an ITM head, and this model was trained with loss.itm: 0; use score 'itc'")
+            raise ValueError("score 'itm' needs an ITM head, and this model was trained with loss.itm: 0; "
+                             "score with --score csls (the default) or itc")
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
         self.data_cfg, self.device = data_cfg, torch.device(device)
         self.resize = EvalTransform(data_cfg)
@@ -167,8 +168,13 @@ class CapFilt:
             _set_scores(candidates, _csls_scores(pools, self.settings.csls_k))
         threshold, fallback = self.settings.threshold, None
         if threshold == "auto":
-            split = mixture_split([c["score"] for cands in candidates for c in cands if c["source"] == "original"])
+            originals = [c["score"] for cands in candidates for c in cands if c["source"] == "original"]
+            split = mixture_split(originals)
             threshold, fallback = split if split else (None, None)
+            if split is None:
+                log.warning("%s: the scores of its %d original captions do not split into two groups; "
+                            "no threshold, so the shard is kept unfiltered (its threshold is null in "
+                            "capfilt.json)", name, len(originals))
             stats["threshold"] = threshold
         for sample, chosen in zip(samples, candidates):
             _choose(chosen, self.settings, threshold, fallback)
@@ -297,7 +303,7 @@ def mixture_split(scores: list[float], iterations: int = 300) -> Optional[Mixtur
     is at least 1/2. The noisy-label split of DivideMix (Li et al. 2020) and NCR (Huang et
     al. 2021), here on filter scores: it needs no threshold tuned to a data set's score
     scale. The fallback is halfway from the low mean to the threshold: an image whose
-    captions all fall short keeps a best one that is still nearer the high side. None
+    captions all fall short keeps a best one that reaches it. None
     (keep everything) when there are too few scores to fit two components."""
     x = np.sort(np.asarray(scores, dtype=np.float64))
     if len(x) < 4 or x[0] == x[-1]:

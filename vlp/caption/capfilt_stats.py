@@ -38,9 +38,11 @@ def output_names(shards: list[str]) -> list[str]:
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:
-    """A resumed run (or another rank) must use the settings the directory was made with."""
+    """A resumed run (or another rank) must use the settings the directory's finished
+    shards were made with. Before any shard is finished a rerun may change them (a first
+    run that failed on, say, its batch size leaves nothing to be consistent with)."""
     path = out_dir / "capfilt" / "settings.json"
-    if path.is_file():
+    if path.is_file() and _any_shard_done(out_dir):
         before = json.loads(path.read_text())
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
@@ -49,6 +51,10 @@ def check_settings(out_dir: Path, settings: dict) -> None:
                              f"use a new --out or the original settings")
     else:
         atomic_write_json(path, settings)
+
+
+def _any_shard_done(out_dir: Path) -> bool:
+    return any(p.name != "settings.json" for p in (out_dir / "capfilt").glob("*.json"))
 
 
 def shard_done(out_dir: Path, name: str) -> bool:
