@@ -8,8 +8,8 @@ Every caption of every sample (the .txt and each json `captions` entry) is one s
 exactly round(fraction x slots) slots, chosen with `--seed`, get a caption drawn from a
 different image, never one the sample already carries. Everything else is copied unchanged
 (image bytes, other json fields, keys, shard names); a sample the loader could not use (no
-image, no caption, bad json) and a damaged shard's tail are left out, counted in `skipped`. Deterministic: the same
-input, fraction and seed give byte-identical output.
+image, no caption, bad json) and a damaged shard's tail are left out, counted in `skipped`.
+Deterministic: the same input, fraction and seed give byte-identical output.
 
 Writes OUT/NAME.tar for each input shard, OUT/sizes.json, and OUT/planted.jsonl: one line
 per replaced caption, {"key", "slot" (0: the .txt, i: json captions[i-1]), "original",
