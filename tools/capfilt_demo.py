@@ -76,10 +76,10 @@ def pretrain(out: Path, arm: str, train: str, val: str, overrides: list[str]) ->
 def continuation(run: Path) -> list[str]:
     """How to rerun an arm that an interruption left unfinished: from its newest checkpoint,
     or from the start when it saved none (the run directory refuses a plain rerun)."""
-    if not earlier_run(run):
+    found = earlier_run(run)  # "checkpoints/" is listed only when it holds one
+    if not found:
         return []
-    checkpoints = run / "checkpoints"
-    return ["train.resume=auto"] if checkpoints.is_dir() and any(checkpoints.iterdir()) else ["train.overwrite=true"]
+    return ["train.resume=auto"] if "checkpoints/" in found else ["train.overwrite=true"]
 
 
 def check_judge(overrides: list[str], capfilt_flags: list[str]) -> None:

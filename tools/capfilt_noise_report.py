@@ -8,8 +8,8 @@ Reads every original caption's verdict (the `capfilt` lists of the output shards
 capfilt/*.dropped.jsonl) and prints one JSON line: planted (wrong) captions removed /
 total (`wrong_removed`, the filter's recall on the noise), right captions kept / total
 (`right_kept`), the precision of the removals, and the same rates had the threshold been
-each of `--sweep` instead (the default sweep is on ITM's [0, 1] scale) (from the recorded scores; top-m and the empty-image rule
-are not replayed there), and, on any score scale, at the thresholds that would keep each
+each of `--sweep` instead (from the recorded scores; top-m and the empty-image rule are not
+replayed there; the default sweep is on ITM's [0, 1] scale), and, on any score scale, at the thresholds that would keep each
 `--right-kept` share of the right captions (`at_right_kept`: the filter target's operating
 point).
 """

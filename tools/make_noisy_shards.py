@@ -90,6 +90,7 @@ def main(argv=None) -> int:
         p.error(f"--fraction must be in [0, 1], got {args.fraction}")
     try:
         shards = expand_spec(args.src, "src")
+        names = output_names(shards)
     except (FileNotFoundError, ValueError) as err:
         print(f"make_noisy_shards: error: {err}", file=sys.stderr)
         return 2
@@ -97,7 +98,6 @@ def main(argv=None) -> int:
     per_shard = [read_samples(s, skips) for s in shards]
     flat = [sample for samples in per_shard for sample in samples]
     try:
-        output_names(shards)
         replacements = plant([s[2] for s in flat], args.fraction, args.seed)
     except ValueError as err:
         print(f"make_noisy_shards: error: {err}", file=sys.stderr)
@@ -110,8 +110,7 @@ def main(argv=None) -> int:
                       "planted": r["planted"], "donor": flat[r["donor"]][0]})
         captions[r["image"]][r["slot"]] = r["planted"]
     sizes, at = {}, 0
-    for shard, samples in zip(shards, per_shard):
-        name = Path(shard).name
+    for name, samples in zip(names, per_shard):
         rows = [noisy_sample(key, members, captions[at + i], meta) for i, (key, members, _, meta) in enumerate(samples)]
         sizes[name] = write_shard(args.out / name, rows)
         at += len(samples)
