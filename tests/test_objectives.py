@@ -74,6 +74,27 @@ def test_curriculum_runs_no_part_of_an_objective_before_it_starts():
     assert model(tiny_batch())["weight_lm"].item() == 1.0
 
 
+def test_in_a_second_stage_the_towers_run_without_a_graph_and_only_itm_trains():
+    """loss.itc.end = loss.itm.start with ITM's tower_gradients false: after the switch the
+    step runs ITM alone, its tower states carry no graph, and its gradient reaches only
+    the fusion layers and the ITM head; before it, ITC alone trains the towers."""
+    cfg = tiny_cfg(filip=0.0, lm=0.0)
+    cfg.loss.itc.end = cfg.loss.itm.start = 0.5
+    cfg.loss.itm.tower_gradients = False
+    model = build_model(cfg)
+    states = []
+    model.vision.register_forward_hook(lambda _m, _i, out: states.append(out))
+    model.set_training_progress(3, 0.4)
+    first = model(tiny_batch())
+    assert "itm" not in first and "itc" in first and states[-1].requires_grad
+    model.set_training_progress(6, 0.6)
+    second = model(tiny_batch())
+    assert "itc" not in second and "itm" in second and not states[-1].requires_grad
+    second["loss"].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(n.startswith(("text.fusion.", "itm_head.")) for n in trained), sorted(trained)
+
+
 TOY_OBJECTIVE = '''
 from dataclasses import dataclass
 import torch

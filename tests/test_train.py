@@ -215,6 +215,28 @@ def test_zero0_plain_python_overfits_a_tiny_set(shards, tmp_path):
     assert (tmp_path / "run/model/model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_second_stage_trains_the_fusion_layers_and_leaves_the_towers_as_they_were(shards, tmp_path, precision):
+    """ITC for the first half, then ITM alone on the towers it trained (loss.itc.end =
+    loss.itm.start, ITM's tower_gradients false): between the checkpoint at the switch and
+    the end, not one tower weight moves — neither AdamW's momentum nor its weight decay
+    reaches parameters that get no gradient — while the fusion layers and ITM head train."""
+    from vlp.train.export import fp32_state_dict
+
+    config = write_config(tmp_path / "cfg.yaml", shards["train"], "", zero_stage=0, steps=6, checkpoint_every=3,
+                          precision=precision)
+    run_dir = tmp_path / "run"
+    run([sys.executable, PRETRAIN, "--config", str(config), f"output_dir={run_dir}", "loss.filip=0", "loss.lm=0",
+         "loss.itc.end=0.5", "loss.itm.start=0.5", "loss.itm.tower_gradients=false"])
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [("itc" in r, "itm" in r) for r in train] == [(True, False)] * 3 + [(False, True)] * 3
+    switch, end = (fp32_state_dict(run_dir / f"checkpoints/step-0000000{n}") for n in (3, 6))
+    moved = {name for name, value in end.items()
+             if torch.is_tensor(value) and not torch.equal(switch[name], value)}
+    assert moved and all(name.startswith(("text.fusion.", "itm_head.")) for name in moved), sorted(moved)
+    assert any(name.startswith("itm_head.") for name in moved)
+
+
 def test_zero2_sigterm_saves_a_checkpoint_that_exports(shards, tmp_path):
     config = write_config(tmp_path / "cfg.yaml", shards["train"], "", zero_stage=2, steps=10000,
                           checkpoint_every=0)

@@ -83,6 +83,29 @@ def test_curriculum_starts_and_ramps_an_objective_and_skips_it_before():
     assert "siglip" not in module.multipliers(0.9)  # weight 0: never part of the sum
 
 
+ITC_ALONE = ["loss.filip=0", "loss.itm=0", "loss.lm=0"]
+
+
+def test_an_objective_leaves_at_its_end_and_evaluation_scores_every_objective():
+    cfg = load_config(overrides=[*ITC_ALONE, "loss.itc.end=0.8", "loss.itm=1", "loss.itm.start=0.8"])
+    module = LossWeighting(cfg.loss.objectives, cfg.loss)
+    assert module.multipliers(0.79) == {"itc": 1.0, "itm": 0.0}
+    assert module.multipliers(0.8) == {"itc": 0.0, "itm": 1.0}
+    assert module.multipliers(None) == {"itc": 1.0, "itm": 1.0}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.itc.end=0.8"], "no objective runs from 0.8 to 1 of the run"),
+    (["loss.itc.end=0.5", "loss.itm=1", "loss.itm.start=0.6"], "no objective runs from 0.5 to 0.6"),
+    (["loss.itm=1", "loss.itm.start=0.9", "loss.itm.end=0.9"], "loss.itm: need 0 <= start < end <= 1"),
+    (["loss.itc.ramp=-0.1"], "loss.itc: need 0 <= start < end <= 1 and ramp >= 0"),
+])
+def test_a_schedule_that_leaves_part_of_the_run_without_an_objective_is_refused(overrides, message):
+    cfg = load_config(overrides=ITC_ALONE + overrides)
+    with pytest.raises(ConfigError, match=message):
+        LossWeighting(cfg.loss.objectives, cfg.loss)
+
+
 @pytest.mark.parametrize("mode", ["dwa", "gradnorm"])
 def test_balancing_state_survives_a_state_dict_round_trip_and_stays_float32_in_bf16(mode):
     module = weighting(mode, {"itc": 1.0, "lm": 1.0}, balance_window=1)

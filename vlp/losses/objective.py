@@ -24,15 +24,25 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from vlp.errors import ConfigError
+
 
 @dataclass
 class ObjectiveOptions:
     # Weight in the total loss; 0 turns the objective off (nothing of it is built or run).
     weight: float = 1.0
     # Curriculum: the objective joins when this fraction of the run is done (0: from the
-    # start) and its weight then grows linearly to `weight` over the next `ramp` of the run.
+    # start) and its weight then grows linearly to `weight` over the next `ramp` of the run;
+    # it leaves at `end` (1: it runs to the end). ITC with end 0.8 and ITM with start 0.8
+    # make ITM a second stage on the towers ITC trained (docs/training.md).
     start: float = 0.0
     ramp: float = 0.0
+    end: float = 1.0
+
+    @property
+    def trains_towers(self) -> bool:
+        """Whether this objective's gradient reaches the towers (ITC, FILIP, SigLIP: always)."""
+        return True
 
 
 @dataclass
@@ -43,6 +53,10 @@ class OwnLayersOptions(ObjectiveOptions):
     # own layers and the towers learn from ITC/FILIP alone (the towers limit what ITM
     # learns, not the reverse: docs/training.md); its backward also stops at the towers.
     tower_gradients: bool = True
+
+    @property
+    def trains_towers(self) -> bool:
+        return self.tower_gradients
 
     def from_towers(self, states: torch.Tensor) -> torch.Tensor:
         """`states` of a tower as this objective may use them."""
@@ -90,4 +104,27 @@ def linear_ramp(progress: float, start: float, length: float) -> float:
 
 def schedule_multiplier(options: ObjectiveOptions, progress: float) -> float:
     """The curriculum factor in [0, 1] of an objective at `progress` (fraction of the run)."""
+    if progress >= options.end:
+        return 0.0
     return linear_ramp(progress, options.start, options.ramp)
+
+
+def schedule_segments(options: dict[str, ObjectiveOptions]) -> list[tuple[float, float]]:
+    """The stretches of the run within which no objective joins or leaves."""
+    bounds = sorted({0.0, 1.0, *(o.start for o in options.values()), *(o.end for o in options.values())})
+    return list(zip(bounds, bounds[1:]))
+
+
+def check_schedules(options: dict[str, ObjectiveOptions]) -> None:
+    """Each objective's start/ramp/end make sense, and at every point of the run at least
+    one objective runs (a step with no loss has nothing to train)."""
+    for name, opts in options.items():
+        if not (0.0 <= opts.start < opts.end <= 1.0 and opts.ramp >= 0.0):
+            raise ConfigError(f"loss.{name}: need 0 <= start < end <= 1 and ramp >= 0, got "
+                              f"start={opts.start}, end={opts.end}, ramp={opts.ramp}")
+    for left, right in schedule_segments(options):
+        middle = (left + right) / 2
+        if not any(o.start <= middle < o.end for o in options.values()):
+            raise ConfigError(f"no objective runs from {left:g} to {right:g} of the run: move an "
+                              f"objective's loss.<name>.start or .end to cover it "
+                              f"(configured: {', '.join(f'{n} {o.start:g}-{o.end:g}' for n, o in options.items())})")

@@ -31,7 +31,7 @@ from torch import nn
 
 from vlp.errors import ConfigError
 from vlp.losses.distributed import world
-from vlp.losses.objective import ObjectiveOptions, schedule_multiplier
+from vlp.losses.objective import ObjectiveOptions, check_schedules, schedule_multiplier
 
 MODES = ("fixed", "uncertainty", "dwa", "gradnorm")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -44,6 +44,7 @@ class LossWeighting(nn.Module):
             raise ConfigError(f"config key 'loss.weighting' must be one of {MODES}, got {loss_cfg.weighting!r}")
         self.mode = loss_cfg.weighting
         self.options = {name: opts for name, opts in options.items() if opts.weight > 0}
+        check_schedules(self.options)
         self.names = list(self.options)
         self.temperature, self.window = loss_cfg.dwa_temperature, loss_cfg.balance_window
         self.alpha, self.lr = loss_cfg.gradnorm_alpha, loss_cfg.gradnorm_lr
@@ -66,8 +67,11 @@ class LossWeighting(nn.Module):
         self.state = {name: value.to(torch.float64).clone() for name, value in state.items()}
 
     # ------------------------------------------------------------------ weights
-    def multipliers(self, progress: float) -> dict[str, float]:
-        """cₖ · mₖ(progress): the configured weight under the curriculum; 0 = not run now."""
+    def multipliers(self, progress: float | None) -> dict[str, float]:
+        """cₖ · mₖ(progress): the configured weight under the curriculum; 0 = not run now.
+        `progress` None (evaluation): every objective at its configured weight."""
+        if progress is None:
+            return {name: opts.weight for name, opts in self.options.items()}
         return {name: opts.weight * schedule_multiplier(opts, progress) for name, opts in self.options.items()}
 
     def forward(self, losses: dict[str, torch.Tensor], multipliers: dict[str, float], training: bool,

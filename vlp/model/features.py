@@ -3,6 +3,7 @@ asks for it. Objectives read these instead of calling the towers, so ITC, FILIP,
 captioning share one pass of each tower."""
 from __future__ import annotations
 
+import contextlib
 from functools import cached_property
 
 import torch
@@ -11,21 +12,28 @@ from vlp.padding import trim_padding
 
 
 class Features:
-    def __init__(self, model, batch: dict) -> None:
+    def __init__(self, model, batch: dict, towers_learn: bool = True) -> None:
         self.model, self.batch = model, batch
         # Columns that are padding in every row only cost time.
         self.input_ids, self.attention_mask = trim_padding(batch["input_ids"], batch["attention_mask"])
         self.image_id = batch["image_id"]
+        # False: no objective of this step trains the towers, so their states need no graph.
+        self.towers_learn = towers_learn
+
+    def _towers(self):
+        return contextlib.nullcontext() if self.towers_learn else torch.no_grad()
 
     @cached_property
     def image_states(self) -> torch.Tensor:
         """ViT token states `[B, 1+N, vision_width]`."""
-        return self.model.encode_image_states(self.batch["image"])
+        with self._towers():
+            return self.model.encode_image_states(self.batch["image"])
 
     @cached_property
     def text_states(self) -> torch.Tensor:
         """Text-only states `[B, L, text_width]` (below the fusion layers)."""
-        return self.model.encode_text_states(self.input_ids, self.attention_mask)
+        with self._towers():
+            return self.model.encode_text_states(self.input_ids, self.attention_mask)
 
     @cached_property
     def image_emb(self) -> torch.Tensor:
@@ -59,7 +67,8 @@ class Features:
         if ids.shape[0] == 0:  # none on this rank; the objectives' gathers still run
             reference = self.text_states
             return reference.new_zeros(0, 1, reference.shape[-1])
-        return self.model.encode_text_states(ids, mask)
+        with self._towers():
+            return self.model.encode_text_states(ids, mask)
 
     @property
     def negative_mask(self) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ from vlp.data.text import tokenize
 import vlp.losses
 from vlp.losses import LossWeighting
 from vlp.losses.distributed import world
+from vlp.losses.objective import schedule_segments
 from vlp.losses.filip import filip_similarity
 from vlp.model.decoder import CaptionDecoder
 from vlp.model.features import Features
@@ -288,17 +289,33 @@ class VLPModel(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Weighted total `loss`, each objective's loss by name, and `<name>_<metric>`s.
         In training, objectives whose curriculum weight is 0 now are not run."""
-        features = Features(self, batch)
-        multipliers = self.weighting.multipliers(self.progress if self.training else 1.0)
+        multipliers = self.weighting.multipliers(self.progress if self.training else None)
+        running = {name: objective for name, objective in self.objectives.items() if multipliers[name] != 0}
+        # In a second stage the towers run without autograd: no graph is kept for a backward
+        # that would stop at their outputs.
+        features = Features(self, batch, self._towers_learn(multipliers))
         losses, metrics = {}, {}
-        for name, objective in self.objectives.items():
-            if multipliers[name] == 0:
-                continue
+        for name, objective in running.items():
             out = objective(features)
             losses[name] = out.pop("loss")
             metrics.update({f"{name}_{key}": value for key, value in out.items()})
         total, weight_metrics = self.weighting(losses, multipliers, self.training, self._shared_grad_norms)
         return {"loss": total, **losses, **metrics, **weight_metrics}
+
+    def towers_learn(self, progress: float) -> bool:
+        """Whether an objective that trains the towers runs at `progress`; false in a second
+        stage (ITM or captioning alone, with `tower_gradients: false`), where the trainer
+        also gives the towers a learning rate of 0 so AdamW leaves them exactly as they are."""
+        return self._towers_learn(self.weighting.multipliers(progress))
+
+    def has_second_stage(self) -> bool:
+        """Whether some stretch of the run trains no tower (see `towers_learn`)."""
+        return not all(self.towers_learn((left + right) / 2)
+                       for left, right in schedule_segments(self.weighting.options))
+
+    def _towers_learn(self, multipliers: dict[str, float]) -> bool:
+        return any(multipliers[name] != 0 and objective.options.trains_towers
+                   for name, objective in self.objectives.items())
 
     def text_negatives(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Hard negative captions of a training batch (`loss.text_negatives`): (owner row,

@@ -14,6 +14,8 @@ from vlp.train.budget import Budget, schedule_factor
 # Name fragments of parameters that must not be decayed although they are matrices (every
 # parameter with fewer than 2 dims is never decayed: norms, biases, temperatures, log-vars).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "position_embeddings", "token_type_embeddings")
+# Parameters of the objectives' own layers, not of the towers (a second stage trains only these).
+OWN_LAYERS = ("text.fusion.", "itm_head.", "decoder.")
 
 
 def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int,
@@ -86,34 +88,48 @@ def config_precision(ds_config: dict) -> str:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
-                 text_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+                 text_lr_scale: float = 1.0, split_towers: bool = False) -> list[dict[str, Any]]:
     """AdamW groups: decay for weight matrices; none for norms, biases, temperatures,
     embeddings of position/type and every other 1-d parameter. The pretrained text tower
-    (`text.*`) gets `lr * text_lr_scale`. Each group carries its parameter names, so
-    checkpoints can be mapped back to names; empty groups are dropped."""
-    groups: dict[tuple[bool, bool], tuple[list, list]] = {}
+    (`text.*`) gets `lr * text_lr_scale`. With `split_towers` (a run with a second stage)
+    the objectives' own layers (fusion, ITM head, decoder) get groups apart from the
+    towers' (`towers`: false), so the towers alone can be stopped. Each group carries its
+    parameter names, so checkpoints can be mapped back to names; empty groups are dropped."""
+    groups: dict[tuple[bool, bool, bool], tuple[list, list]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or any(fragment in name for fragment in NO_DECAY_NAMES)
-        names, params = groups.setdefault((skip, name.startswith("text.")), ([], []))
+        key = (skip, name.startswith("text."), not (split_towers and name.startswith(OWN_LAYERS)))
+        names, params = groups.setdefault(key, ([], []))
         names.append(name)
         params.append(param)
     return [{"params": params, "names": names, "weight_decay": 0.0 if skip else weight_decay,
-             "lr": lr * (text_lr_scale if is_text else 1.0)}
-            for (skip, is_text), (names, params) in sorted(groups.items())]
+             "lr": lr * (text_lr_scale if is_text else 1.0), "towers": towers}
+            for (skip, is_text, towers), (names, params) in sorted(groups.items())]
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, budget: Budget):
     """Torch AdamW (never DeepSpeed's fused/CPU Adam, whose JIT build takes a minute) and
     its LambdaLR warmup-cosine schedule over the run's progress (`vlp.train.budget`),
-    stepped once per optimizer step."""
-    groups = param_groups(model, train.weight_decay, train.lr, train.text_lr_scale)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+    stepped once per optimizer step. Where no objective that trains the towers runs (a
+    second stage), the towers' groups get a learning rate of 0: AdamW's momentum and weight
+    decay would otherwise keep moving them (DeepSpeed hands them zero gradients)."""
+    towers_learn = getattr(model, "towers_learn", lambda progress: True)
+    second_stage = getattr(model, "has_second_stage", lambda: False)()
+    groups = param_groups(model, train.weight_decay, train.lr, train.text_lr_scale, split_towers=second_stage)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "towers")} for g in groups],
                                   lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     warmup = train.warmup_fraction or train.warmup_steps / train.steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(
-        budget.progress(step), warmup, train.min_lr_ratio, first_step=1 / train.steps))
+
+    def factor(step: int, towers: bool) -> float:
+        progress = budget.progress(step)
+        if towers and not towers_learn(progress):
+            return 0.0
+        return schedule_factor(progress, warmup, train.min_lr_ratio, first_step=1 / train.steps)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step, towers=g["towers"]: factor(step, towers) for g in groups])
     return optimizer, schedule, [g["names"] for g in groups]
 
 
@@ -122,6 +138,10 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, bu
     own `optimizer` / `scheduler` sections. Returns (engine, param names per group)."""
     import deepspeed
 
+    if getattr(model, "has_second_stage", lambda: False)() and ("optimizer" in ds_config or "scheduler" in ds_config):
+        raise ConfigError("a second stage (an objective's loss.<name>.end before another's start, with "
+                          "tower_gradients: false) stops the towers through vlp's own optimizer and "
+                          "schedule; remove the optimizer/scheduler sections from train.deepspeed_config")
     optimizer, schedule, names = build_optimizer(model, train, budget)
     kwargs: dict[str, Any] = {"model": model, "config": ds_config}
     if "optimizer" in ds_config:
