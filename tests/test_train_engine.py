@@ -160,3 +160,38 @@ def test_text_tower_gets_its_own_learning_rate():
     assert lr_of["vision.weight"] == pytest.approx(1e-3) and lr_of["vision.bias"] == pytest.approx(1e-3)
     assert lr_of["text.weight"] == pytest.approx(1e-4) and lr_of["text.bias"] == pytest.approx(1e-4)
     assert {g["weight_decay"] for g in groups if "text.bias" in g["names"]} == {0.0}
+
+
+def test_a_second_stage_stops_the_towers_and_gives_the_new_layers_a_schedule_of_their_own():
+    """ITC until half time, then ITM alone (tower_gradients false): the towers' groups follow
+    the run's warmup-cosine, then 0; the fusion layers and ITM head are at 0 until ITM joins,
+    then warm up and decay over the second half as a run of their own. A run without a
+    second stage keeps one schedule and no separate groups."""
+    from test_model import tiny_cfg
+    from vlp.model import build_model
+    from vlp.train.engine import build_optimizer
+
+    train = TrainConfig(steps=100, warmup_fraction=0.1, lr=1e-3, min_lr_ratio=0.1)
+    plain = build_model(tiny_cfg(filip=0.0, lm=0.0))
+    optimizer, _, names = build_optimizer(plain, train, Budget(0, 100))
+    assert len(names) == len(param_groups(plain, 0.05, split_towers=False))
+    cfg = tiny_cfg(filip=0.0, lm=0.0)
+    cfg.loss.itc.end = cfg.loss.itm.start = 0.5
+    cfg.loss.itm.tower_gradients = False
+    staged = build_model(cfg)
+    assert staged.second_stage_start() == 0.5
+    optimizer, schedule, names = build_optimizer(staged, train, Budget(0, 100))
+    own = [all(n.startswith(("text.fusion.", "itm_head.")) for n in group) for group in names]
+    assert any(own) and not all(own)
+    towers_lr, own_lr = [], []
+    for _ in range(100):
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        towers_lr.append(max(lr for lr, o in zip(lrs, own) if not o))
+        own_lr.append(max(lr for lr, o in zip(lrs, own) if o))
+        optimizer.step()
+        schedule.step()
+    run = [1e-3 * schedule_factor(s / 100, 0.1, 0.1, 0.01) for s in range(100)]
+    stage = [1e-3 * schedule_factor((s - 50) / 50, 0.1, 0.1, 0.02) for s in range(50, 100)]
+    assert towers_lr == pytest.approx(run[:50] + [0.0] * 50)
+    assert own_lr == pytest.approx([0.0] * 50 + stage)
+    assert max(own_lr[50:]) == pytest.approx(1e-3)  # the new layers reach the peak LR again

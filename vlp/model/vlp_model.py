@@ -20,7 +20,7 @@ from vlp.data.text import tokenize
 import vlp.losses
 from vlp.losses import LossWeighting
 from vlp.losses.distributed import world
-from vlp.losses.objective import schedule_segments
+from vlp.losses.objective import OwnLayersOptions, schedule_segments
 from vlp.losses.filip import filip_similarity
 from vlp.model.decoder import CaptionDecoder
 from vlp.model.features import Features
@@ -308,10 +308,14 @@ class VLPModel(nn.Module):
         also gives the towers a learning rate of 0 so AdamW leaves them exactly as they are."""
         return self._towers_learn(self.weighting.multipliers(progress))
 
-    def has_second_stage(self) -> bool:
-        """Whether some stretch of the run trains no tower (see `towers_learn`)."""
-        return not all(self.towers_learn((left + right) / 2)
-                       for left, right in schedule_segments(self.weighting.options))
+    def second_stage_start(self) -> float | None:
+        """In a run where some stretch trains no tower (see `towers_learn`): the point where
+        the objectives with layers of their own (ITM, captioning) join, from which those
+        layers follow a learning-rate schedule of their own. None in any other run."""
+        if all(self.towers_learn((left + right) / 2) for left, right in schedule_segments(self.weighting.options)):
+            return None
+        return min(objective.options.start for objective in self.objectives.values()
+                   if isinstance(objective.options, OwnLayersOptions))
 
     def _towers_learn(self, multipliers: dict[str, float]) -> bool:
         return any(multipliers[name] != 0 and objective.options.trains_towers

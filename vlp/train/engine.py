@@ -112,21 +112,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, budget: Budget):
     """Torch AdamW (never DeepSpeed's fused/CPU Adam, whose JIT build takes a minute) and
     its LambdaLR warmup-cosine schedule over the run's progress (`vlp.train.budget`),
-    stepped once per optimizer step. Where no objective that trains the towers runs (a
-    second stage), the towers' groups get a learning rate of 0: AdamW's momentum and weight
-    decay would otherwise keep moving them (DeepSpeed hands them zero gradients)."""
+    stepped once per optimizer step.
+
+    A run with a second stage (`VLPModel.second_stage_start`) schedules two sets of groups:
+    the towers follow the run's schedule and get a learning rate of 0 wherever no objective
+    that trains them runs (AdamW's momentum and weight decay would otherwise keep moving
+    them: DeepSpeed hands them zero gradients); the objectives' own layers (fusion, ITM
+    head, decoder), new weights that join late, get a warmup-cosine of their own over the
+    stretch from their start to the end of the run (0 before it), as a separate fine-tuning
+    stage would give them, instead of the tail of the towers' decay."""
     towers_learn = getattr(model, "towers_learn", lambda progress: True)
-    second_stage = getattr(model, "has_second_stage", lambda: False)()
-    groups = param_groups(model, train.weight_decay, train.lr, train.text_lr_scale, split_towers=second_stage)
+    stage = getattr(model, "second_stage_start", lambda: None)()
+    groups = param_groups(model, train.weight_decay, train.lr, train.text_lr_scale, split_towers=stage is not None)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "towers")} for g in groups],
                                   lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     warmup = train.warmup_fraction or train.warmup_steps / train.steps
 
     def factor(step: int, towers: bool) -> float:
         progress = budget.progress(step)
-        if towers and not towers_learn(progress):
+        if stage is None or (towers and towers_learn(progress)):
+            return schedule_factor(progress, warmup, train.min_lr_ratio, first_step=1 / train.steps)
+        if towers or progress < stage:
             return 0.0
-        return schedule_factor(progress, warmup, train.min_lr_ratio, first_step=1 / train.steps)
+        length = 1.0 - stage
+        return schedule_factor((progress - stage) / length, warmup, train.min_lr_ratio,
+                               first_step=1 / (train.steps * length))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [lambda step, towers=g["towers"]: factor(step, towers) for g in groups])
@@ -138,7 +148,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, bu
     own `optimizer` / `scheduler` sections. Returns (engine, param names per group)."""
     import deepspeed
 
-    if getattr(model, "has_second_stage", lambda: False)() and ("optimizer" in ds_config or "scheduler" in ds_config):
+    if getattr(model, "second_stage_start", lambda: None)() is not None and ("optimizer" in ds_config or "scheduler" in ds_config):
         raise ConfigError("a second stage (an objective's loss.<name>.end before another's start, with "
                           "tower_gradients: false) stops the towers through vlp's own optimizer and "
                           "schedule; remove the optimizer/scheduler sections from train.deepspeed_config")
