@@ -230,6 +230,7 @@ def test_a_second_stage_trains_the_fusion_layers_and_leaves_the_towers_as_they_w
          "loss.itc.end=0.5", "loss.itm.start=0.5", "loss.itm.tower_gradients=false"])
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [("itc" in r, "itm" in r) for r in train] == [(True, False)] * 3 + [(False, True)] * 3
+    assert all(r["lr"] > 0 for r in train)  # the log shows the learning rate that is training
     switch, end = (fp32_state_dict(run_dir / f"checkpoints/step-0000000{n}") for n in (3, 6))
     moved = {name for name, value in end.items()
              if torch.is_tensor(value) and not torch.equal(switch[name], value)}

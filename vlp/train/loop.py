@@ -277,9 +277,14 @@ class Trainer:
         self.state.samples += samples * self.world.world_size
         step_time = time.perf_counter() - start
         self.meter.add(terms, samples * self.world.world_size, step_time, data_time, skipped)
-        self.log.step(self._last_means, self.engine.get_lr()[0], self.world.world_size, step_time,
+        self.log.step(self._last_means, self.current_lr(), self.world.world_size, step_time,
                       data_time, samples * self.world.world_size, self.budget.remaining_minutes())
         return True
+
+    def current_lr(self) -> float:
+        """The highest learning rate of any param group now: the one that is training (in a
+        second stage the towers' groups are at 0, before it the new layers' are)."""
+        return max(self.engine.get_lr())
 
     def log_train(self) -> None:
         """Average the window over ranks, add up skips, write one metrics line."""
@@ -305,7 +310,7 @@ class Trainer:
         self._last_means = {k: v for k, v in means.items() if k in shown}
         rate = meter.samples / max(meter.step_time, 1e-9)
         self.log.record(self.state.step, "train", {
-            **means, "lr": self.engine.get_lr()[0], "samples_per_s": rate,
+            **means, "lr": self.current_lr(), "samples_per_s": rate,
             "samples_per_s_per_rank": rate / self.world.world_size,
             "data_wait": meter.data_time / max(meter.step_time, 1e-9), "epoch": self.stream.epoch,
             "train_minutes": self.budget.elapsed / 60,
