@@ -290,12 +290,13 @@ class VLPModel(nn.Module):
         """Weighted total `loss`, each objective's loss by name, and `<name>_<metric>`s.
         In training, objectives whose curriculum weight is 0 now are not run."""
         multipliers = self.weighting.multipliers(self.progress if self.training else None)
-        running = {name: objective for name, objective in self.objectives.items() if multipliers[name] != 0}
         # In a second stage the towers run without autograd: no graph is kept for a backward
         # that would stop at their outputs.
         features = Features(self, batch, self._towers_learn(multipliers))
         losses, metrics = {}, {}
-        for name, objective in running.items():
+        for name, objective in self.objectives.items():
+            if multipliers[name] == 0:
+                continue
             out = objective(features)
             losses[name] = out.pop("loss")
             metrics.update({f"{name}_{key}": value for key, value in out.items()})

@@ -109,6 +109,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
             for (skip, is_text, towers), (names, params) in sorted(groups.items())]
 
 
+def second_stage_start(model: torch.nn.Module) -> float | None:
+    """`VLPModel.second_stage_start` (None for any other module: no second stage)."""
+    return getattr(model, "second_stage_start", lambda: None)()
+
+
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, budget: Budget):
     """Torch AdamW (never DeepSpeed's fused/CPU Adam, whose JIT build takes a minute) and
     its LambdaLR warmup-cosine schedule over the run's progress (`vlp.train.budget`),
@@ -122,7 +127,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, budget: Budget):
     stretch from their start to the end of the run (0 before it), as a separate fine-tuning
     stage would give them, instead of the tail of the towers' decay."""
     towers_learn = getattr(model, "towers_learn", lambda progress: True)
-    stage = getattr(model, "second_stage_start", lambda: None)()
+    stage = second_stage_start(model)
     groups = param_groups(model, train.weight_decay, train.lr, train.text_lr_scale, split_towers=stage is not None)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "towers")} for g in groups],
                                   lr=train.lr, betas=tuple(train.betas), eps=train.eps)
@@ -148,7 +153,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, bu
     own `optimizer` / `scheduler` sections. Returns (engine, param names per group)."""
     import deepspeed
 
-    if getattr(model, "second_stage_start", lambda: None)() is not None and ("optimizer" in ds_config or "scheduler" in ds_config):
+    if second_stage_start(model) is not None and ("optimizer" in ds_config or "scheduler" in ds_config):
         raise ConfigError("a second stage (an objective's loss.<name>.end before another's start, with "
                           "tower_gradients: false) stops the towers through vlp's own optimizer and "
                           "schedule; remove the optimizer/scheduler sections from train.deepspeed_config")
